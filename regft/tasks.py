@@ -1,0 +1,183 @@
+"""Task catalog: a name-only task is its class names (label order), CLIP zero-shot templates,
+the generation template and names, and optionally per-class descriptions for the head.
+
+Class names are package data (`regft/data/tasks/*.json`, sources in `regft/data/SOURCES.md`).
+A user task comes from a text file of class names, one per line (`task_from_classnames_file`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+DEFAULT_GENERATION_TEMPLATE = "a photo of a {}."
+
+
+class TaskError(ValueError):
+    """Unknown task or invalid class names."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    classnames: tuple[str, ...]  # label order; used in zero-shot text prompts
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    generation_template: str = DEFAULT_GENERATION_TEMPLATE
+    generation_classnames: tuple[str, ...] = ()  # same order; defaults to classnames
+    descriptions_file: str | None = None  # package-relative, keyed by generation class name
+    title: str = ""
+    real_test: str | None = None  # how to read the real test split, e.g. "torchvision:StanfordCars"
+    source: str = "catalog"
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        problems = validate_classnames(list(self.classnames), where=f"task {self.name!r}")
+        if self.generation_classnames and len(self.generation_classnames) != len(self.classnames):
+            problems.append(
+                f"task {self.name!r}: {len(self.generation_classnames)} generation names for "
+                f"{len(self.classnames)} classes"
+            )
+        if problems:
+            raise TaskError("; ".join(problems))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    @property
+    def gen_names(self) -> tuple[str, ...]:
+        return self.generation_classnames or self.classnames
+
+    def descriptions(self) -> list[list[str]] | None:
+        """Per-class description lists in label order, or None when the task has none."""
+        if not self.descriptions_file:
+            return None
+        data = json.loads(_data_path(self.descriptions_file).read_text(encoding="utf-8"))
+        return [list(data[name]) for name in self.gen_names]
+
+    def zeroshot_texts(self) -> list[list[str]]:
+        """Texts whose embeddings build each class's head row: descriptions, else templates."""
+        desc = self.descriptions()
+        if desc is not None:
+            return desc
+        return [[t.format(c) for t in self.templates] for c in self.classnames]
+
+
+def _data_path(rel: str) -> Path:
+    return Path(str(resources.files("regft") / "data" / rel))
+
+
+# torchvision dataset class able to read each task's real test split (see regft.realdata)
+REAL_TEST = {
+    "cars": "torchvision:StanfordCars",
+    "aircraft": "torchvision:FGVCAircraft",
+    "pets": "torchvision:OxfordIIITPet",
+    "flowers": "torchvision:Flowers102",
+    "food101": "torchvision:Food101",
+    "dtd": "torchvision:DTD",
+    "eurosat": "torchvision:EuroSAT",
+    "caltech101": "torchvision:Caltech101",
+    "sun397": "torchvision:SUN397",
+    "ucf101": None,  # video frames: use an ImageFolder or CSV of middle frames
+    "imagenet": "torchvision:ImageNet",
+}
+
+
+def available_tasks() -> list[str]:
+    names = sorted(p.stem for p in _data_path("tasks").glob("*.json"))
+    extra = []
+    try:  # procedural testbed, defined in code
+        from regft import shapes  # noqa: F401
+
+        extra = ["shapes"]
+    except ImportError:
+        pass
+    return names + extra
+
+
+def load_task(name: str) -> Task:
+    if name == "shapes":
+        from regft.shapes import shapes_task
+
+        return shapes_task()
+    path = _data_path(f"tasks/{name}.json")
+    if not path.is_file():
+        raise TaskError(
+            f"unknown task {name!r}; known tasks: {', '.join(available_tasks())} "
+            "(or pass --classnames FILE with one class name per line)"
+        )
+    rec = json.loads(path.read_text(encoding="utf-8"))
+    if rec.get("classnames_source") == "open_clip.zero_shot_metadata":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+        classnames = tuple(IMAGENET_CLASSNAMES)
+        templates = tuple(t("{}") if callable(t) else t for t in OPENAI_IMAGENET_TEMPLATES)
+    else:
+        classnames, templates = tuple(rec["classnames"]), tuple(rec["templates"])
+    return Task(
+        name=name,
+        title=rec.get("title", name),
+        classnames=classnames,
+        templates=templates,
+        generation_template=rec["generation_template"],
+        generation_classnames=tuple(rec["generation_classnames"]),
+        descriptions_file=rec.get("descriptions"),
+        real_test=REAL_TEST.get(name),
+        source=f"catalog:{name}",
+    )
+
+
+def validate_classnames(names: list[str], where: str) -> list[str]:
+    """Every problem with a list of class names, as messages (empty list: fine)."""
+    problems = []
+    if not names:
+        problems.append(f"{where}: no class names")
+    blanks = [i + 1 for i, n in enumerate(names) if not n.strip()]
+    if blanks:
+        problems.append(f"{where}: blank class name on line(s) {blanks[:10]}")
+    seen: dict[str, int] = {}
+    dups = []
+    for i, n in enumerate(names):
+        key = n.strip().lower()
+        if key and key in seen:
+            dups.append(f"{n.strip()!r} (lines {seen[key]} and {i + 1})")
+        seen.setdefault(key, i + 1)
+    if dups:
+        problems.append(f"{where}: duplicate class name(s) {', '.join(dups[:10])}")
+    if names and len(names) < 2:
+        problems.append(f"{where}: a classifier needs at least 2 classes, got {len(names)}")
+    return problems
+
+
+def task_from_classnames_file(path: str | Path, name: str | None = None) -> Task:
+    """A task from a UTF-8 text file, one class name per line, in label order.
+
+    A trailing newline is fine; any blank line inside, a duplicate (case-insensitive) or an
+    empty file is rejected, naming the lines.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"--classnames {p}: file not found")
+    text = p.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # allow trailing blank lines only
+        lines.pop()
+    problems = validate_classnames(lines, where=f"--classnames {p}")
+    if problems:
+        raise TaskError("; ".join(problems))
+    return Task(
+        name=name or p.stem,
+        classnames=tuple(n.strip() for n in lines),
+        source=f"file:{p.name}",
+    )
+
+
+def resolve_task(task: str | None, classnames: str | None = None) -> Task:
+    """CLI helper: exactly one of a catalog task name or a class-name file."""
+    if classnames:
+        return task_from_classnames_file(classnames, name=task)
+    if not task:
+        raise TaskError("give a task name (e.g. cars) or --classnames FILE")
+    return load_task(task)
