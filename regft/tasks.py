@@ -33,7 +33,12 @@ class Task:
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        problems = validate_classnames(list(self.classnames), where=f"task {self.name!r}")
+        # Catalog lists are published data and are kept as published (ImageNet's CLIP names
+        # repeat 'missile' and 'sunglasses'); user files get the full check in
+        # task_from_classnames_file.
+        problems = []
+        if len(self.classnames) < 2 or any(not n.strip() for n in self.classnames):
+            problems.append(f"task {self.name!r}: needs at least 2 non-blank class names")
         if self.generation_classnames and len(self.generation_classnames) != len(self.classnames):
             problems.append(
                 f"task {self.name!r}: {len(self.generation_classnames)} generation names for "

@@ -94,7 +94,9 @@ def build_tiny_pipeline(seed: int = 0):
             max_position_embeddings=77,
         )
     )
-    scheduler = PNDMScheduler(skip_prk_steps=True)  # SD's default scheduler family
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)  # SD's default scheduler family
+    for module in (unet, vae, text_encoder):
+        module.eval()  # from_pretrained returns eval-mode modules; match it
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
