@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from regft.cli import UserError
+from regft.search_space import load_search_space, parse_search_space, shipped_search_space_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_file_loads_and_opens_with_its_command():
+    files = sorted((ROOT / "search_spaces").glob("*.yaml"))
+    assert len(files) >= 12
+    assert shipped_search_space_dir() == ROOT / "search_spaces"
+    for f in files:
+        space = load_search_space(f)
+        assert {"lr", "vc_weight"} <= set(space.parameters), f
+        assert all(d.why for d in space.parameters.values()), f"{f}: every dimension needs a reason"
+        assert space.alpha.values()[0] >= 0 and space.alpha.values()[-1] <= 1
+        first = f.read_text().splitlines()[:4]
+        assert any("python -m regft.tune" in line for line in first), f
+
+
+def test_valid_space_converts_to_tune_domains():
+    space = parse_search_space({
+        "parameters": {
+            "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3},
+            "vc_weight": {"distribution": "uniform", "low": 0, "high": 1},
+            "vc_cov_ratio": {"distribution": "choice", "values": [0.125, 0.5]},
+            "epochs": {"distribution": "int", "low": 1, "high": 3},
+        },
+        "alpha": {"low": 0.2, "high": 0.8, "step": 0.2},
+    })
+    domains = space.to_tune()
+    assert set(domains) == {"lr", "vc_weight", "vc_cov_ratio", "epochs"}
+    assert domains["lr"].lower == 1e-5 and domains["vc_cov_ratio"].categories == [0.125, 0.5]
+    assert space.alpha.values() == [0.2, 0.4, 0.6, 0.8]
+
+
+def test_every_problem_reported_at_once():
+    bad = {
+        "parameters": {
+            "lr": {"distribution": "loguniform", "low": 0.0, "high": 1e-3},
+            "vc_weight": {"distribution": "uniform", "low": -0.5, "high": 1.0, "colour": 1},
+            "warmup_steps": {"distribution": "int", "low": 10, "high": 5},
+            "mystery": {"distribution": "gaussian"},
+        },
+        "alpha": {"low": -0.1, "high": 1.5},
+        "extra": 1,
+    }
+    with pytest.raises(UserError) as e:
+        parse_search_space(bad, where="s.yaml", known_fields={"lr", "vc_weight", "warmup_steps"})
+    msg = str(e.value)
+    for part in [
+        "unknown top-level key 'extra'",
+        "parameters.lr: a log-scale range needs low > 0",
+        "parameters.vc_weight: unknown key 'colour'",
+        "parameters.vc_weight: vc_weight must be >= 0",
+        "parameters.warmup_steps: low (10) must be < high (5)",
+        "parameters.mystery: not a training setting",
+        "parameters.mystery.distribution: 'gaussian'",
+        "alpha: alpha must lie in [0, 1]",
+    ]:
+        assert part in msg, part
+    assert "parameters.lr: lr must be > 0" in msg
+    assert len(e.value.problems) == 9
+
+
+def test_alpha_declared_as_sampled_parameter_is_an_error():
+    with pytest.raises(UserError, match="alpha is swept per trial"):
+        parse_search_space({"parameters": {"alpha": {"distribution": "uniform", "low": 0, "high": 1}}})
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("parameters:\n  lr: {distribution: loguniform, low: 1e-5\n")
+    with pytest.raises(UserError, match="malformed YAML"):
+        load_search_space(p)
+    with pytest.raises(UserError, match="file not found"):
+        load_search_space(tmp_path / "none.yaml")
+    p.write_text("- just a list\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_search_space(p)
