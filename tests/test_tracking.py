@@ -1,0 +1,96 @@
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from regft.tracking import (
+    PARENT_TAG, TRIAL_TAG, MLflowTrialCallback, check_tracking_uri, default_tracking_uri,
+    final_curves, flat_params, get_or_create_experiment, redact,
+)
+
+
+def test_redact_hides_credentials():
+    cfg = {"aws_secret_access_key": "abc", "token": "t", "lr": 0.1,
+           "uri": "https://user:hunter2@example.org/x", "note": "key AKIAABCDEFGHIJKLMNOP here",
+           "nested": {"api_key": "zzz", "ok": "fine"}}
+    out = redact(cfg)
+    assert out["aws_secret_access_key"] == "***" and out["token"] == "***"
+    assert out["lr"] == 0.1 and out["nested"] == {"api_key": "***", "ok": "fine"}
+    assert "hunter2" not in out["uri"] and "AKIA" not in out["note"]
+    assert flat_params({"a": 1.5})["a"] == "1.5"
+
+
+def _closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_check_tracking_uri(tmp_path):
+    assert check_tracking_uri(default_tracking_uri(tmp_path)) == []
+    problems = check_tracking_uri(f"http://127.0.0.1:{_closed_port()}", timeout=2)
+    assert problems and "unreachable" in problems[0]
+    assert "absolute" in check_tracking_uri("sqlite:///relative.db")[0]
+    assert "not writable" in check_tracking_uri(f"sqlite:///{tmp_path}/missing/dir/m.db")[0]
+    assert "plain-folder" in check_tracking_uri(str(tmp_path / "mlruns"))[0]
+
+
+def test_trial_callback_one_run_per_trial_even_after_restart(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = default_tracking_uri(tmp_path)
+    client = MlflowClient(uri)
+    exp = get_or_create_experiment(client, "regft-test", str(tmp_path / "artifacts"))
+    parent = client.create_run(exp, run_name="search").info.run_id
+
+    trial = SimpleNamespace(trial_id="abc_00001", config={"lr": 1e-3, "vc_weight": 0.1},
+                            last_result={})
+    cb = MLflowTrialCallback(uri, exp, parent, {"model": "tiny", "api_token": "s3cr3t"}, "s1")
+    cb.on_trial_start(0, [], trial)
+    for epoch in (1, 2):
+        cb.on_trial_result(0, [], trial, {"epoch": epoch, "select_metric": 0.1 * epoch, "final": False})
+    final = {"epoch": 2, "final": True, "select_metric": 0.5, "best_alpha": 0.4,
+             "alpha_curve": [[0.0, 0.3], [0.4, 0.5], [1.0, 0.2]],
+             "alpha_curve_real_test": [[0.0, 0.31], [0.4, 0.41], [1.0, 0.21]]}
+    cb.on_trial_result(0, [], trial, final)
+    trial.last_result = final
+    cb.on_trial_complete(0, [], trial)
+
+    # a new callback (driver restarted, search resumed) finds the same run
+    cb2 = MLflowTrialCallback(uri, exp, parent, {}, "s1")
+    assert cb2.run_id_for(trial) == cb.run_id_for(trial)
+
+    runs = client.search_runs([exp], filter_string=f"tags.`{TRIAL_TAG}` = 'abc_00001'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags[PARENT_TAG] == parent
+    assert run.data.params["lr"] == "0.001" and run.data.params["api_token"] == "***"
+    hist = client.get_metric_history(run.info.run_id, "select_metric")
+    assert sorted((m.step, m.value) for m in hist) == [(1, 0.1), (2, 0.2), (2, 0.5)]
+    curve = client.get_metric_history(run.info.run_id, "alpha_curve/real_test")
+    assert sorted((m.step, m.value) for m in curve) == [(0, 0.31), (40, 0.41), (100, 0.21)]
+    arts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "alpha_curve.png" in arts
+
+
+def test_final_curves():
+    assert final_curves({"alpha_curve": [[0, 1]], "alpha_curve_real_val": [[0.5, 0.2]], "x": 1}) == {
+        "select": [(0.0, 1.0)], "real_val": [(0.5, 0.2)]}
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_status_reflects_early_stop(tmp_path, stopped):
+    from mlflow.tracking import MlflowClient
+
+    uri = default_tracking_uri(tmp_path)
+    client = MlflowClient(uri)
+    exp = get_or_create_experiment(client, "e", str(tmp_path / "a"))
+    parent = client.create_run(exp).info.run_id
+    trial = SimpleNamespace(trial_id="t1", config={}, last_result={"final": not stopped})
+    cb = MLflowTrialCallback(uri, exp, parent, {}, "s")
+    cb.on_trial_complete(0, [], trial)
+    run = client.get_run(cb.run_id_for(trial))
+    assert run.info.status == ("KILLED" if stopped else "FINISHED")
+    assert run.data.tags["regft.outcome"] == ("stopped early" if stopped else "finished")
