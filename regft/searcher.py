@@ -1,0 +1,40 @@
+"""Optuna TPE for Ray Tune, with early-stopped trials reported to Optuna as PRUNED.
+
+Every trial reports per epoch (the fine-tuned model's selection metric) and, when it finishes,
+a final result (`final: True`) whose `select_metric` is the best weight-space ensemble's. ASHA
+may stop a trial after any epoch; stock `OptunaSearch` would then tell Optuna the trial is
+COMPLETE with that low-budget, pre-ensemble value, and TPE would treat it as a real observation
+of the configuration. Here such trials are PRUNED (their intermediate values stay recorded), so
+TPE's "good"/"bad" split is made of finished trials only.
+"""
+from __future__ import annotations
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+FINAL_KEY = "final"
+
+
+class FinishedOnlyOptunaSearch(OptunaSearch):
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if error or not result or result.get(FINAL_KEY):
+            return super().on_trial_complete(trial_id, result, error)
+        if trial_id in self._completed_trials:
+            return None
+        # stopped before its final (ensembled) result: pruned, not complete
+        ot_trial = self._ot_trials[trial_id]
+        self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+        return None
+
+
+def make_searcher(metric: str | None, mode: str | None, seed: int, storage_url: str | None = None,
+                  study_name: str | None = None) -> FinishedOnlyOptunaSearch:
+    """Seeded TPE; the space comes from the Tuner's `param_space` (Tune converts it). `storage_url` (e.g. sqlite:///.../optuna.db) keeps the study on disk so the
+    search's importance plots can be made from it and a resumed search continues it."""
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
+    return FinishedOnlyOptunaSearch(
+        metric=metric, mode=mode, sampler=sampler, storage=storage,
+        study_name=study_name,
+    )
