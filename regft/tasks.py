@@ -7,7 +7,7 @@ A user task comes from a text file of class names, one per line (`task_from_clas
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -54,6 +54,21 @@ class Task:
     @property
     def gen_names(self) -> tuple[str, ...]:
         return self.generation_classnames or self.classnames
+
+    def first(self, n: int | None) -> Task:
+        """The task restricted to its first n classes (smoke runs of big tasks); the name says so."""
+        if n is None or n >= self.num_classes:
+            return self
+        if n < 2:
+            raise TaskError(f"max_classes: a classifier needs at least 2 classes, got {n}")
+        return replace(
+            self,
+            name=f"{self.name}-first{n}",
+            classnames=self.classnames[:n],
+            generation_classnames=self.generation_classnames[:n],
+            real_test=None,  # a full real test split has labels outside the subset
+            extra={**self.extra, "subset_of": self.name},
+        )
 
     def descriptions(self) -> list[list[str]] | None:
         """Per-class description lists in label order, or None when the task has none."""
@@ -179,10 +194,13 @@ def task_from_classnames_file(path: str | Path, name: str | None = None) -> Task
     )
 
 
-def resolve_task(task: str | None, classnames: str | None = None) -> Task:
-    """CLI helper: exactly one of a catalog task name or a class-name file."""
+def resolve_task(task: str | None, classnames: str | None = None,
+                 max_classes: int | None = None) -> Task:
+    """CLI helper: a catalog task name or a class-name file, optionally its first N classes."""
     if classnames:
-        return task_from_classnames_file(classnames, name=task)
-    if not task:
+        t = task_from_classnames_file(classnames, name=task)
+    elif not task:
         raise TaskError("give a task name (e.g. cars) or --classnames FILE")
-    return load_task(task)
+    else:
+        t = load_task(task)
+    return t.first(max_classes)

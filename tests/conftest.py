@@ -28,7 +28,10 @@ def ray_local(tmp_path_factory):
         ray.init(
             address="local",
             num_cpus=2,
-            include_dashboard=False,
+            # Tune frees a stopped trial's resources through the state API (dashboard); without
+            # it, ASHA-stopped trials leak their CPUs. It listens on 127.0.0.1 only.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             configure_logging=False,
         )

@@ -72,3 +72,13 @@ def test_bad_classnames_files(tmp_path, content, match):
 def test_missing_classnames_file(tmp_path):
     with pytest.raises(TaskError, match="file not found"):
         task_from_classnames_file(tmp_path / "nope.txt")
+
+
+def test_first_n_classes_subset():
+    t = resolve_task("cars", None, max_classes=3)
+    assert t.name == "cars-first3" and t.num_classes == 3
+    assert t.gen_names == load_task("cars").gen_names[:3]
+    assert len(t.zeroshot_texts()) == 3 and t.real_test is None
+    assert resolve_task("cars", None, max_classes=500).num_classes == 196
+    with pytest.raises(TaskError, match="at least 2"):
+        resolve_task("cars", None, max_classes=1)
