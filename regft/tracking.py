@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -163,6 +162,13 @@ class MLflowTrialCallback(Callback):
         self._runs: dict[str, str] = {}
         self._client = None
 
+    def __getstate__(self):
+        # Tune pickles callbacks into its experiment state; the client (a DB/HTTP handle) is
+        # re-created on demand after a restore
+        state = dict(self.__dict__)
+        state["_client"] = None
+        return state
+
     @property
     def client(self):
         if self._client is None:
@@ -200,8 +206,9 @@ class MLflowTrialCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_id_for(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
@@ -211,8 +218,9 @@ class MLflowTrialCallback(Callback):
             self._log_final(run_id, trial, result)
 
     def _log_final(self, run_id, trial, result):
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         curves = final_curves(result)
