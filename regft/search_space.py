@@ -48,7 +48,9 @@ class Dimension:
         if self.distribution == "loguniform":
             return tune.loguniform(self.low, self.high)
         if self.distribution == "uniform":
-            return tune.quniform(self.low, self.high, self.step) if self.step else tune.uniform(self.low, self.high)
+            if self.step:
+                return tune.quniform(self.low, self.high, self.step)
+            return tune.uniform(self.low, self.high)
         if self.distribution == "int":
             # tune.randint's upper bound is exclusive; our `high` is inclusive
             return tune.qrandint(int(self.low), int(self.high), int(self.step or 1))

@@ -30,8 +30,10 @@ class FinishedOnlyOptunaSearch(OptunaSearch):
 
 def make_searcher(metric: str | None, mode: str | None, seed: int, storage_url: str | None = None,
                   study_name: str | None = None) -> FinishedOnlyOptunaSearch:
-    """Seeded TPE; the space comes from the Tuner's `param_space` (Tune converts it). `storage_url` (e.g. sqlite:///.../optuna.db) keeps the study on disk so the
-    search's importance plots can be made from it and a resumed search continues it."""
+    """Seeded TPE; the space comes from the Tuner's `param_space` (Tune converts it).
+
+    `storage_url` (e.g. sqlite:///.../optuna.db) keeps the study on disk so the search's
+    importance plots can be made from it and a resumed search continues it."""
     sampler = optuna.samplers.TPESampler(seed=seed)
     storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
     return FinishedOnlyOptunaSearch(

@@ -5,7 +5,6 @@ from ray.tune.search.optuna import OptunaSearch
 
 from regft.searcher import make_searcher
 
-
 SPACE = {"lr": tune.loguniform(1e-5, 1e-2), "vc_weight": tune.uniform(0, 1)}
 
 

@@ -4,8 +4,15 @@ from types import SimpleNamespace
 import pytest
 
 from regft.tracking import (
-    PARENT_TAG, TRIAL_TAG, MLflowTrialCallback, check_tracking_uri, default_tracking_uri,
-    final_curves, flat_params, get_or_create_experiment, redact,
+    PARENT_TAG,
+    TRIAL_TAG,
+    MLflowTrialCallback,
+    check_tracking_uri,
+    default_tracking_uri,
+    final_curves,
+    flat_params,
+    get_or_create_experiment,
+    redact,
 )
 
 
