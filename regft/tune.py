@@ -119,6 +119,7 @@ def _smoke_shapes() -> dict[str, Any]:
     return {
         "model": shapes_model_name(), "pretrained": None, "generator": "shapes",
         "gen_options": {"gap": 1.0}, "images_per_class": 100, "epochs": 2, "batch_size": 64,
+        "cpus_per_worker": 0.45,  # + Ray Data needs one whole free CPU on 2
         "warmup_steps": 10, "num_samples": 4, "gen_steps": 1, "gen_batch_size": 64,
         "real_test": "shapes:real",
     }
@@ -129,8 +130,9 @@ PRESETS: dict[str, Any] = {
     # generator, where the method's effect is visible. Elsewhere: tiny random models on the
     # first 4 classes, a plumbing check whose numbers are noise.
     "smoke": lambda task: _smoke_shapes() if task == "shapes" else {
-        "model": "tiny", "pretrained": None, "generator": "tiny", "images_per_class": 4,
+        "model": "tiny", "pretrained": None, "generator": "tiny", "images_per_class": 10,
         "max_classes": 4, "epochs": 2, "batch_size": 8, "warmup_steps": 2, "num_samples": 2,
+        "cpus_per_worker": 0.45,  # + Ray Data needs one whole free CPU on 2
         "gen_steps": 2, "gen_batch_size": 8,
     },
     # the paper's setting (method.md): ViT-B/16 OpenAI, SD 2.1-base, 64 images per class,
@@ -276,6 +278,14 @@ def cluster_capacity() -> dict[str, float]:
 TRIAL_DRIVER_CPU = 0.01  # the Tune function that drives a trial's TorchTrainer only waits
 
 
+def trial_cpus(s: SearchSettings) -> float:
+    """CPUs one trial holds: its Train workers, the CPU its Ray Data input pipeline needs free
+    (without it training waits forever), and the waiting trial driver."""
+    from regft.train import DATA_CPUS
+
+    return s.workers_per_trial * s.cpus_per_worker + DATA_CPUS + TRIAL_DRIVER_CPU
+
+
 def check_resources(s: SearchSettings, cap: dict[str, float]) -> list[str]:
     p = []
     gpu_per_worker = s.gpus_per_trial / s.workers_per_trial
@@ -287,18 +297,19 @@ def check_resources(s: SearchSettings, cap: dict[str, float]) -> list[str]:
                  f"{gpu_per_worker:g} GPU per worker, but the largest node has {cap['node_gpus']:g}")
     if s.cpus_per_worker > cap["node_cpus"]:
         p.append(f"--cpus-per-worker {s.cpus_per_worker:g}: the largest node has {cap['node_cpus']:g} CPUs")
-    need_cpu = s.workers_per_trial * s.cpus_per_worker + TRIAL_DRIVER_CPU
+    need_cpu = trial_cpus(s)
     if need_cpu > cap["cpus"]:
         p.append(f"--workers-per-trial {s.workers_per_trial} x --cpus-per-worker {s.cpus_per_worker:g} "
-                 f"needs {need_cpu:g} CPUs but the cluster has {cap['cpus']:g}: the trial could never "
-                 "start (lower --workers-per-trial)")
+                 f"(+ 1 CPU for the trial's data pipeline) needs {need_cpu:g} CPUs but the cluster has "
+                 f"{cap['cpus']:g}: the trial could never start (lower --workers-per-trial or "
+                 "--cpus-per-worker)")
     if s.gpus_per_trial > 0 and s.gpus_per_trial > cap["gpus"] > 0:
         p.append(f"--gpus-per-trial {s.gpus_per_trial:g}: the cluster has only {cap['gpus']:g} GPUs")
     return p
 
 
 def max_concurrent_trials(s: SearchSettings, cap: dict[str, float]) -> int:
-    by_cpu = math.floor(cap["cpus"] / (s.workers_per_trial * s.cpus_per_worker + TRIAL_DRIVER_CPU))
+    by_cpu = math.floor(cap["cpus"] / trial_cpus(s))
     limits = [by_cpu]
     if s.gpus_per_trial > 0:
         limits.append(math.floor(cap["gpus"] / s.gpus_per_trial))
@@ -654,8 +665,8 @@ def _generation_config(s: SearchSettings, task):
     from regft.generate import GenerationConfig
 
     values = {
-        "task": s.task, "classnames": s.classnames, "max_classes": s.max_classes,
-        "generator": s.generator, "options": dict(s.gen_options),
+        "task": s.task, "classnames_file": s.classnames, "max_classes": s.max_classes,
+        "generator": s.generator, "generator_options": dict(s.gen_options),
         "images_per_class": s.images_per_class, "steps": s.gen_steps, "guidance": s.guidance,
         "batch_size": s.gen_batch_size, "seed": s.seed, "store": _join(_abs_storage(s.storage), "datasets"),
         "use_gpu": s.gpus_per_trial > 0,

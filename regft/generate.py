@@ -1,0 +1,613 @@
+"""Distributed generation of a labelled synthetic dataset with Ray Data (orchestration ring).
+
+    python -m regft.generate cars                       # paper setting: SD 2.1-base, 64/class
+    python -m regft.generate cars --generator tiny --images-per-class 4 --steps 2   # offline check
+    python -m regft.generate --classnames my_classes.txt --store s3://bucket/regft
+
+Flow (`generate_dataset`):
+1. Validate everything first (config fields, task, generator availability, store writability,
+   GPUs) and report every problem at once.
+2. Items (regft.prompts) in item_id order -> dataset id = hash of everything that determines the
+   images -> ``<store>/<id>``. A complete manifest there means nothing to do.
+3. The driver cuts the items into fixed shards (shard k = items k*S .. k*S+S-1) and skips the
+   shards already committed (verified by their item ids), so a re-run only generates what is
+   missing and never duplicates an image.
+4. A Ray Dataset with one row per missing shard -> `map_batches(ShardWorker, batch_size=1,
+   compute=ActorPoolStrategy(size=n))`: each actor holds one diffusers pipeline, generates its
+   shard in inference batches of `batch_size` (one torch.Generator per image) and commits the
+   shard to the store atomically. A dead actor is restarted by Ray Data and its shard retried
+   (same name, same content). The driver only sees small result rows (progress bar over shards).
+5. Manifest written last (per-class counts, checksums), then `samples.png` next to it.
+
+Why one row per shard rather than per image: shard names must be deterministic for exactly-once
+writes, and Ray Data's batches do not align with chunk boundaries; a shard-sized unit of work
+keeps naming in the driver's hands while the actor pool still batches inference internally.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from regft import store as st
+from regft.cli import UserError, entry_point
+from regft.generators import DTYPES, PAPER_GENERATOR, make_generator, native_resolution
+from regft.prompts import PROMPT_STRATEGIES, Item, make_items
+from regft.tasks import Task, TaskError, resolve_task
+
+DEFAULT_STORE = "./regft_data"
+PAPER_OUTPUT_SIZE = 224  # method.md: 512 px generations saved at 224 x 224 (bicubic)
+# env vars the actors need to see what the driver sees (caches, offline mode, OpenMP waiting);
+# never credentials
+FORWARDED_ENV = ("REGFT_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HUGGINGFACE_HUB_CACHE",
+                 "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY")
+
+
+@dataclass
+class GenerationConfig:
+    """One generation request. Defaults are the paper's (method.md); None = derived, see below."""
+
+    task: str | None = None  # catalog task name (e.g. cars); with classnames_file: its name
+    classnames_file: str | None = None  # a text file, one class name per line
+    max_classes: int | None = None  # only the first N classes (quick runs; changes the dataset id)
+    generator: str = PAPER_GENERATOR  # 'tiny', 'shapes', a diffusers model id or folder
+    images_per_class: int = 64
+    resolution: int | None = None  # None: the generator's native size (512 SD; 32 tiny/shapes)
+    output_size: int | None = None  # None: 224 for SD models (method.md), else = resolution
+    steps: int = 50
+    guidance: float = 5.0
+    batch_size: int = 8  # images per inference call on one actor (not part of the dataset id)
+    seed: int = 0  # base seed; per-image seeds derive from (task, class, index, seed)
+    prompt_strategy: str = "paper"
+    store: str | None = None  # None: $REGFT_STORE, else ./regft_data
+    num_actors: int | None = None  # None: one per GPU (GPU mode) or one per node (CPU mode)
+    use_gpu: bool | None = None  # None: GPUs when the cluster has any (not for 'shapes')
+    dtype: str = "auto"  # auto = fp16 on GPU, fp32 on CPU
+    shard_size: int = 64  # items per shard file (unit of work and of resume)
+    generator_options: dict = field(default_factory=dict)  # shapes: gap; SD: revision, negative_prompt
+    progress: bool = True
+    samples: bool = True  # write samples.png next to the manifest
+
+    def validate(self) -> list[str]:
+        """Every problem with the fields alone (task, store and cluster are checked later)."""
+        p = []
+        if not self.task and not self.classnames_file:
+            p.append("task: give a task name (e.g. cars) or classnames_file (--classnames FILE)")
+        if self.max_classes is not None and self.max_classes < 2:
+            p.append(f"max_classes (--max-classes) must be >= 2 (a classifier needs two classes), "
+                     f"got {self.max_classes}")
+        if self.images_per_class <= 0:
+            p.append(f"images_per_class (--images-per-class) must be >= 1, got {self.images_per_class}")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            p.append(f"resolution (--resolution) must be a positive multiple of 8 (the VAE works "
+                     f"on 8x8 patches), got {self.resolution}; e.g. "
+                     f"{max(8, round(self.resolution / 8) * 8)}")
+        if self.output_size is not None and self.output_size <= 0:
+            p.append(f"output_size (--output-size) must be >= 1, got {self.output_size}")
+        if self.steps <= 0:
+            p.append(f"steps (--steps) must be >= 1, got {self.steps}")
+        if self.guidance < 0:
+            p.append(f"guidance (--guidance) must be >= 0, got {self.guidance}")
+        if self.batch_size <= 0:
+            p.append(f"batch_size (--batch-size) must be >= 1, got {self.batch_size}")
+        if self.shard_size <= 0:
+            p.append(f"shard_size (--shard-size) must be >= 1, got {self.shard_size}")
+        if self.num_actors is not None and self.num_actors <= 0:
+            p.append(f"num_actors (--num-actors) must be >= 1, got {self.num_actors}")
+        if self.prompt_strategy not in PROMPT_STRATEGIES:
+            p.append(f"prompt_strategy (--prompt-strategy): unknown {self.prompt_strategy!r}; "
+                     f"choose from {', '.join(sorted(PROMPT_STRATEGIES))}")
+        if self.dtype not in DTYPES:
+            p.append(f"dtype (--dtype): unknown {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if not self.generator:
+            p.append(f"generator (--generator) must not be empty; e.g. {PAPER_GENERATOR} or tiny")
+        return p
+
+    # derived values live here, next to the defaults, so they are computed in one place
+    def effective_resolution(self) -> int:
+        return self.resolution or native_resolution(self.generator)
+
+    def effective_output_size(self) -> int:
+        if self.output_size:
+            return self.output_size
+        if self.generator in ("tiny", "shapes"):
+            return self.effective_resolution()
+        return PAPER_OUTPUT_SIZE
+
+    def effective_store(self) -> str:
+        return self.store or os.environ.get("REGFT_STORE") or DEFAULT_STORE
+
+
+@dataclass
+class GenerationResult:
+    path: str
+    dataset_id: str
+    total: int  # images in the dataset
+    generated: int  # images generated by this call
+    seconds: float  # wall time of this call's generation (0 when nothing was missing)
+    manifest: dict
+    shard_times: list[float] = field(default_factory=list)  # s after start when each shard landed
+
+    @property
+    def images_per_s(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    num_actors: int
+    num_cpus: float  # per actor
+    num_gpus: float  # per actor
+    device: str  # 'cuda' or 'cpu'
+    threads: int  # torch intra-op threads per actor
+
+
+# ------------------------------------------------------------- planning -----
+
+def plan_actors(cfg: GenerationConfig, cluster: dict, node_cpus: list[float],
+                pending_shards: int) -> ActorPlan:
+    """Size the actor pool from the cluster (pure; raises UserError when it cannot fit).
+
+    GPU mode: one actor per GPU (num_gpus=1 each). CPU mode: one actor per node by default; each
+    actor takes an equal share of the CPUs (at most one node's worth) and uses them as torch
+    threads, so one actor on a node is as fast as a plain process there.
+    Never more actors than shards to do (an idle actor only costs start-up).
+    """
+    gpus = float(cluster.get("GPU", 0))
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else (gpus >= 1 and cfg.generator != "shapes")
+    if use_gpu:
+        if gpus < 1:
+            raise UserError("use_gpu (--use-gpu) was requested but the Ray cluster has no GPU; "
+                            "drop --use-gpu (CPU actors) or connect to a GPU cluster (RAY_ADDRESS)")
+        n = cfg.num_actors or int(gpus)
+        if n > gpus:
+            raise UserError(f"num_actors (--num-actors) {n} exceeds the cluster's {int(gpus)} GPU(s) "
+                            "(one GPU per actor); pass at most that many")
+        n = max(1, min(n, pending_shards))
+        return ActorPlan(n, 1.0, 1.0, "cuda", 1)
+    node_cpus = [c for c in node_cpus if c >= 1] or [float(cluster.get("CPU", 1))]
+    n = cfg.num_actors or len(node_cpus)
+    if n > sum(int(c) for c in node_cpus):
+        raise UserError(f"num_actors (--num-actors) {n} exceeds the cluster's "
+                        f"{int(sum(node_cpus))} CPUs (each actor needs at least 1)")
+    n = max(1, min(n, pending_shards))
+    cpus = max(1, min(int(sum(node_cpus) // n), int(max(node_cpus))))
+    while cpus > 1 and sum(int(c // cpus) for c in node_cpus) < n:  # must pack onto nodes
+        cpus -= 1
+    return ActorPlan(n, float(cpus), 0.0, "cpu", cpus)
+
+
+def dataset_spec(cfg: GenerationConfig, task: Task, identity: dict) -> dict:
+    """Everything that determines the images; its hash is the dataset id."""
+    return {
+        "format": st.FORMAT,
+        "task": task.name,
+        "classnames": list(task.classnames),
+        "generation_classnames": list(task.gen_names),
+        "generation_template": task.generation_template,
+        "prompt_strategy": cfg.prompt_strategy,
+        "generator": identity,
+        "resolution": cfg.effective_resolution(),
+        "output_size": cfg.effective_output_size(),
+        "resize": "bicubic",
+        "image_format": "png",
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "images_per_class": cfg.images_per_class,
+        "seed": cfg.seed,
+    }
+
+
+def dataset_id(spec: dict) -> str:
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode())
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in spec["task"])[:40]
+    return f"{slug}-{digest.hexdigest()[:16]}"
+
+
+def chunk(items: list[Item], shard_size: int) -> list[list[Item]]:
+    return [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+
+
+# ------------------------------------------------------ per-shard work -------
+
+def generate_shard(generator, items: list[Item], batch_size: int, output_size: int,
+                   fault: dict | None = None):
+    """Generate one shard's items in inference batches; returns its Arrow table (item order).
+
+    `fault` (tests only): {"item_id", "mode": "raise"|"exit", "marker": path} -- the first time any
+    process reaches that item (the marker file records it), raise or kill the process.
+    """
+    images: list[bytes] = []
+    for b in range(0, len(items), batch_size):
+        batch = items[b:b + batch_size]
+        if fault and any(it.item_id == fault["item_id"] for it in batch):
+            _maybe_fault(fault)
+        arrays = generator.generate([it.prompt for it in batch], [it.seed for it in batch],
+                                    [it.label for it in batch], [it.classname for it in batch])
+        # each (resolution, resolution, 3) uint8 -> (output_size, output_size, 3) -> PNG bytes
+        images += [st.encode_png(st.resize(a, output_size)) for a in arrays]
+    return st.shard_table([it.item_id for it in items], [it.label for it in items],
+                          [it.classname for it in items], [it.prompt for it in items],
+                          [it.seed for it in items], images)
+
+
+def _maybe_fault(fault: dict) -> None:
+    marker = Path(fault["marker"])
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly once, across processes
+    except FileExistsError:
+        return
+    os.close(fd)
+    if fault.get("mode") == "exit":
+        os._exit(1)  # an actor dying mid-shard (nothing of this shard is committed)
+    raise RuntimeError(f"injected fault at item {fault['item_id']}")
+
+
+def _items_to_json(items: list[Item]) -> str:
+    return json.dumps([[it.label, it.index, it.classname, it.prompt, it.seed] for it in items])
+
+
+def _items_from_json(s: str) -> list[Item]:
+    return [Item(int(a), int(b), c, d, int(e)) for a, b, c, d, e in json.loads(s)]
+
+
+class ShardWorker:
+    """Ray Data actor: one generator (pipeline) per actor, one shard per input row."""
+
+    def __init__(self, generator: str, resolution: int, steps: int, guidance: float, dtype: str,
+                 options: dict, device: str, threads: int, dataset_path: str, output_size: int,
+                 batch_size: int, fault: dict | None = None):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor
+        self.generator = make_generator(generator, resolution=resolution, steps=steps,
+                                        guidance=guidance, device=device, dtype=dtype,
+                                        options=options)
+        load = getattr(self.generator, "load", None)
+        if callable(load):
+            load()  # pay the pipeline load at actor start, not inside the first shard
+        self.dataset_path, self.output_size = dataset_path, output_size
+        self.batch_size, self.fault = batch_size, fault
+        runtime = getattr(self.generator, "runtime", None)
+        self.runtime = json.dumps(runtime() if callable(runtime) else {"device": device})
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"record": [], "runtime": [], "seconds": []}
+        for shard, items_json in zip(batch["shard"], batch["items"]):
+            t0 = time.perf_counter()
+            items = _items_from_json(str(items_json))
+            table = generate_shard(self.generator, items, self.batch_size, self.output_size,
+                                   self.fault)
+            rec = st.write_shard(self.dataset_path, int(shard), table)
+            out["record"].append(json.dumps(rec))
+            out["runtime"].append(self.runtime)
+            out["seconds"].append(time.perf_counter() - t0)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------ the driver -----
+
+def ensure_ray():
+    """Connect to RAY_ADDRESS or start a local Ray, unless Ray is already initialised."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
+                 configure_logging=False)
+    return ray
+
+
+def _cluster_cpus_per_node(ray) -> list[float]:
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_request(cfg: GenerationConfig):
+    """Validate a request; returns (task, generator) or raises UserError with every problem."""
+    problems = list(cfg.validate())
+    task = None
+    if cfg.task or cfg.classnames_file:
+        try:
+            task = resolve_task(cfg.task, cfg.classnames_file)
+            if cfg.max_classes and cfg.max_classes < task.num_classes:
+                task = dataclasses.replace(
+                    task, classnames=task.classnames[:cfg.max_classes],
+                    generation_classnames=task.generation_classnames[:cfg.max_classes])
+        except TaskError as e:
+            problems.append(str(e))
+    if not any(p.startswith("store") for p in problems):
+        err = st.check_writable(cfg.effective_store())
+        if err:
+            problems.append(err)
+    generator = None
+    # the generator is only built when its own fields are valid (else its error repeats them)
+    if not any(p.startswith(("resolution", "steps", "dtype", "generator")) for p in problems):
+        try:
+            generator = make_generator(cfg.generator, resolution=cfg.effective_resolution(),
+                                       steps=cfg.steps, guidance=cfg.guidance, device="cpu",
+                                       dtype=cfg.dtype, options=cfg.generator_options)
+        except (ValueError, TypeError, RuntimeError, ImportError) as e:
+            # WeightsUnavailable is a RuntimeError: reported as one line, no traceback
+            msg = str(e)
+            problems.append(msg if msg.startswith("generator") else f"generator {cfg.generator!r}: {msg}")
+    if problems:
+        raise UserError(problems)
+    return task, generator
+
+
+def generate_dataset(cfg: GenerationConfig, *, fault: dict | None = None) -> GenerationResult:
+    """Make sure the dataset `cfg` describes is complete in the store; generate what is missing."""
+    task, generator = check_request(cfg)
+    identity = generator.identity()
+    spec = dataset_spec(cfg, task, identity)
+    did = dataset_id(spec)
+    path = st.dataset_path(cfg.effective_store(), did)
+    items = sorted(make_items(task.name, list(task.gen_names), task.generation_template,
+                              cfg.images_per_class, cfg.seed, cfg.prompt_strategy),
+                   key=lambda it: it.item_id)
+
+    existing = st.read_manifest(path)
+    if existing is not None and existing.get("spec") != spec:
+        raise UserError(f"{path}: manifest describes a different dataset (hash collision or an "
+                        "edited manifest); move it away and re-run")
+    if existing and existing.get("complete"):
+        on_disk = st.list_shards(path)
+        if all(s["index"] in on_disk for s in existing["shards"]):
+            return GenerationResult(path, did, len(items), 0, 0.0, existing)
+
+    # the shard layout of a started dataset wins over the request: resume must cut items the same way
+    shard_size = (existing or {}).get("layout", {}).get("shard_size") or cfg.shard_size
+    shards = chunk(items, shard_size)
+    manifest = _base_manifest(cfg, task, spec, did, items, shard_size, len(shards))
+    if existing is None or existing.get("complete"):
+        # complete=false while anything is missing; it also records the layout for a resume
+        st.write_manifest(path, manifest)
+
+    kept: set[int] = set()  # committed by an earlier run and holding exactly the expected items
+    for k in sorted(st.list_shards(path)):
+        if k < len(shards) and st.shard_item_ids(path, k) == [it.item_id for it in shards[k]]:
+            kept.add(k)
+        else:  # corrupt or foreign (a name in shards/ is never half-written by this code)
+            st.delete_shard(path, k)
+    pending = [k for k in range(len(shards)) if k not in kept]
+
+    if pending:
+        ensure_ray()  # start-up (seconds) is not counted as generation time
+    t_gen = time.perf_counter()
+    new_records: dict[int, dict] = {}
+    runtimes: dict[str, int] = {}
+    shard_times: list[float] = []
+    if pending:
+        for rec, runtime, t in _run_pipeline(cfg, identity, path, shards, pending, fault):
+            new_records[rec["index"]] = rec
+            runtimes[runtime] = runtimes.get(runtime, 0) + 1
+            shard_times.append(t - t_gen)
+    seconds = time.perf_counter() - t_gen if pending else 0.0
+
+    on_disk = st.list_shards(path)
+    unseen = [k for k in new_records if k not in on_disk]
+    if unseen:
+        raise RuntimeError(
+            f"{len(unseen)} shard(s) the actors committed are not visible at {path}: on a "
+            "multi-node cluster the store must be shared (a URI such as s3://bucket/prefix, or "
+            "a filesystem mounted at the same path on every node)")
+    records = []
+    for k in range(len(shards)):
+        # shards kept from an earlier run get their checksum now (one read each)
+        rec = new_records.get(k) or st.shard_record(path, k)
+        if not rec or rec["rows"] != len(shards[k]):
+            raise RuntimeError(f"shard {k} of {path} is missing or damaged after generation")
+        records.append(rec)
+    devices: dict[str, int] = {}
+    for runtime, n in runtimes.items():
+        r = json.loads(runtime)
+        key = f"{r.get('device', '?')}/{r.get('torch_dtype', '-')}"
+        devices[key] = devices.get(key, 0) + n
+    manifest.update(
+        complete=True,
+        shards=records,
+        runtime={"shards_by_device": devices, "generation_seconds": round(seconds, 3),
+                 "generated_images": sum(len(shards[k]) for k in pending),
+                 "versions": _versions()},
+    )
+    st.write_manifest(path, manifest)
+    st.clear_tmp(path)
+    if cfg.samples:
+        st.write_sample_grid(path, manifest)
+    return GenerationResult(path, did, len(items), sum(len(shards[k]) for k in pending), seconds,
+                            manifest, shard_times)
+
+
+def ensure_dataset(cfg: GenerationConfig) -> str:
+    """The path of the complete dataset `cfg` describes, generating only what is missing."""
+    return generate_dataset(cfg).path
+
+
+def _base_manifest(cfg, task, spec, did, items, shard_size, num_shards) -> dict:
+    counts = [0] * task.num_classes
+    for it in items:
+        counts[it.label] += 1
+    return {
+        "format": st.FORMAT,
+        "dataset_id": did,
+        "complete": False,
+        "spec": spec,
+        "task": {"name": task.name, "source": task.source, "classnames": list(task.classnames),
+                 "generation_classnames": list(task.gen_names),
+                 "generation_template": task.generation_template},
+        "generator": spec["generator"],
+        "settings": {k: spec[k] for k in ("resolution", "output_size", "steps", "guidance",
+                                           "images_per_class", "seed", "prompt_strategy",
+                                           "resize", "image_format")},
+        "layout": {"shard_size": shard_size, "num_shards": num_shards, "num_items": len(items),
+                   "columns": st.SCHEMA.names},
+        "num_images": len(items),
+        "class_counts": counts,
+        "split_rule": "val iff int.from_bytes(sha256(item_id)[:8], 'big') / 2**64 < val_fraction",
+        "shards": [],
+    }
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("regft", "diffusers", "torch", "ray", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _run_pipeline(cfg, identity, path, shards, pending, fault):
+    """Run the Ray Data job over the pending shards; returns [(record, runtime json, arrival)]."""
+    import ray.data
+    from tqdm.auto import tqdm
+
+    ensure_ray()
+
+    plan = plan_actors(cfg, ray.cluster_resources(), _cluster_cpus_per_node(ray), len(pending))
+    options = dict(cfg.generator_options)
+    if identity.get("generator") == "diffusers" and cfg.generator != "tiny" \
+            and not os.path.isdir(cfg.generator):
+        options["revision"] = identity["revision"]  # every actor loads the commit the id names
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    rows = [{"shard": k, "items": _items_to_json(shards[k])} for k in pending]
+    ctx = ray.data.DataContext.get_current()
+    old_bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False  # the driver's own bar counts shards and images
+    try:
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one shard per block
+        ds = ds.map_batches(
+            ShardWorker,
+            batch_size=1,  # one shard per call; the actor batches inference inside it
+            compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+            fn_constructor_kwargs=dict(
+                generator=cfg.generator, resolution=cfg.effective_resolution(), steps=cfg.steps,
+                guidance=cfg.guidance, dtype=cfg.dtype, options=options, device=plan.device,
+                threads=plan.threads, dataset_path=path, output_size=cfg.effective_output_size(),
+                batch_size=cfg.batch_size, fault=fault),
+            # Ray Data's actor defaults (max_restarts=-1, max_task_retries=-1) replace a dead
+            # actor and retry its shard; 2.60 deprecates passing other values here.
+            runtime_env={"env_vars": env} if env else None,
+        )
+        results = []
+        n_images = sum(len(shards[k]) for k in pending)
+        with tqdm(total=n_images, unit="img", disable=not cfg.progress,
+                  desc=f"generating {len(pending)} shard(s) on {plan.num_actors} actor(s)") as bar:
+            for row in ds.iter_rows():
+                rec = json.loads(row["record"])
+                results.append((rec, str(row["runtime"]), time.perf_counter()))
+                bar.update(rec["rows"])
+    finally:
+        ctx.enable_progress_bars = old_bars
+    return results
+
+
+# ------------------------------------------------------------------- CLI ----
+
+def build_parser() -> argparse.ArgumentParser:
+    d = GenerationConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m regft.generate",
+        description="Generate a labelled synthetic dataset for a task's class names with a "
+                    "text-to-image model, on every GPU (or CPU) of a Ray cluster.",
+    )
+    p.add_argument("task", nargs="?", help="catalog task (e.g. cars); with --classnames, its name")
+    p.add_argument("--classnames", dest="classnames_file", metavar="FILE",
+                   help="text file with one class name per line (label order)")
+    p.add_argument("--max-classes", type=int, help="only the first N classes (quick runs)")
+    p.add_argument("--generator", help=f"'tiny' (offline), 'shapes', a diffusers model id or "
+                   f"folder (default {d.generator})")
+    p.add_argument("--images-per-class", type=int, help=f"(default {d.images_per_class})")
+    p.add_argument("--resolution", type=int, help="generation size in px, multiple of 8 "
+                   "(default: 512 for SD models, 32 for tiny/shapes)")
+    p.add_argument("--output-size", type=int, help="saved image size, bicubic (default: 224 for "
+                   "SD models, else the resolution)")
+    p.add_argument("--steps", type=int, help=f"denoising steps (default {d.steps})")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance (default {d.guidance})")
+    p.add_argument("--batch-size", type=int, help=f"images per inference call (default {d.batch_size})")
+    p.add_argument("--store", help="dataset store folder or URI (default $REGFT_STORE or ./regft_data)")
+    p.add_argument("--seed", type=int, help=f"base seed (default {d.seed})")
+    p.add_argument("--num-actors", type=int, help="actors (default: one per GPU, else one per node)")
+    p.add_argument("--prompt-strategy", choices=sorted(PROMPT_STRATEGIES),
+                   help=f"how class names become prompts (default {d.prompt_strategy})")
+    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction,
+                   help="one GPU per actor (default: when the cluster has GPUs)")
+    p.add_argument("--dtype", choices=DTYPES, help="precision (default auto: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--shard-size", type=int, help=f"images per shard file (default {d.shard_size})")
+    p.add_argument("--generator-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="generator option, repeatable (shapes: gap=0.5; SD: revision=..., "
+                        "negative_prompt=...); VALUE is parsed as JSON when it can be")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-samples", action="store_true", help="do not write samples.png")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    names = {f.name for f in dataclasses.fields(GenerationConfig)}
+    kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    options, problems = {}, []
+    for opt in args.generator_option:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            problems.append(f"--generator-option {opt!r}: expected KEY=VALUE, e.g. gap=0.5")
+            continue
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    if problems:
+        raise UserError(problems)
+    kwargs.pop("generator_option", None)
+    if options:
+        kwargs["generator_options"] = options
+    kwargs["progress"] = not args.no_progress
+    kwargs["samples"] = not args.no_samples
+    return GenerationConfig(**kwargs)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    import ray
+
+    started_here = not ray.is_initialized()
+    try:
+        res = generate_dataset(cfg)
+    finally:
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+    if res.generated:
+        print(f"generated {res.generated} images ({res.total - res.generated} already present) "
+              f"in {res.seconds:.1f} s, {res.images_per_s:.2f} images/s")
+    else:
+        print(f"dataset complete, nothing to generate ({res.total} images)")
+    print(f"dataset: {res.path}")
+    print(f"manifest: {st.join(res.path, st.MANIFEST)}")
+    if cfg.samples:
+        print(f"samples: {st.join(res.path, st.SAMPLES)}")
+    sys.stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return entry_point(_main)(argv)
+
+
+if __name__ == "__main__":
+    # import through the package so exception classes are the same objects entry_point catches
+    from regft.generate import main as _pkg_main
+
+    raise SystemExit(_pkg_main())

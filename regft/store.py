@@ -1,0 +1,408 @@
+"""Dataset store: generated images as parquet shards plus a manifest, on any pyarrow filesystem.
+
+Layout (``<store>`` is a local folder or a URI such as ``s3://bucket/prefix``)::
+
+    <store>/<dataset_id>/manifest.json          written last; "complete": true once every shard is in
+    <store>/<dataset_id>/shards/shard-00000.parquet   item_id, label, classname, prompt, seed, image
+    <store>/<dataset_id>/_tmp/...               shards being written (never read)
+    <store>/<dataset_id>/samples.png            a few images per class, for a human to look at
+
+Exactly-once: shard ``k`` holds items ``k*shard_size .. (k+1)*shard_size - 1`` in item_id order, so
+its name is a pure function of its content. A shard is serialised in memory, written under
+``_tmp/`` and then moved to ``shards/`` (a rename on local disks; on object stores the final
+object appears whole or not at all). A name in ``shards/`` therefore always holds a complete shard,
+a retried or re-run shard overwrites it with identical content, and nothing is ever duplicated.
+
+Train/val split (``split_of``): an item is in "val" iff the first 8 bytes of sha256(item_id), read
+as a big-endian integer and divided by 2**64, are below ``val_fraction``. It depends on the item id
+only (not on the shard layout, the reader or the number of workers), so every reader agrees.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+SAMPLES = "samples.png"
+SHARDS_DIR = "shards"
+TMP_DIR = "_tmp"
+FORMAT = "regft-dataset-v1"
+SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("label", pa.int64()),
+    ("classname", pa.string()),
+    ("prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("image", pa.binary()),  # PNG bytes
+])
+SPLITS = ("train", "val", "all")
+
+
+class DatasetNotReady(ValueError):
+    """The dataset path has no manifest, or its generation has not finished."""
+
+
+# ------------------------------------------------------------------ paths ----
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a URI (s3://, gs://, file://...)."""
+    path = str(path)
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
+def dataset_path(store: str, dataset_id: str) -> str:
+    """The dataset's location: an absolute local path or a URI (as given)."""
+    store = str(store)
+    return join(store if is_uri(store) else os.path.abspath(store), dataset_id)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _exists(fs: pafs.FileSystem, p: str) -> bool:
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def check_writable(store: str) -> str | None:
+    """None if `store` can be created and written, else a one-line problem naming the fix."""
+    try:
+        fs, p = filesystem(store)
+        # a check must not leave folders behind (e.g. when another problem stops the run):
+        # remember the topmost folder it creates and remove it again
+        created, parent = None, p
+        while parent and not _exists(fs, parent):
+            created, parent = parent, parent.rstrip("/").rpartition("/")[0]
+        fs.create_dir(p, recursive=True)
+        probe = join(p, f".regft-write-test-{uuid.uuid4().hex}")
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+        if created is not None and not is_uri(store):
+            fs.delete_dir(created)
+        return None
+    except Exception as e:  # any filesystem error means the same thing to the user
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return (f"store (--store / REGFT_STORE): cannot write to {store!r} ({msg}); pass a "
+                "writable folder or URI")
+
+
+# ------------------------------------------------------------------ images ---
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Square bicubic resize (method.md: 512 px generations saved at 224 px, bicubic)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+# ------------------------------------------------------------------ shards ---
+
+def shard_table(item_ids: list[str], labels: list[int], classnames: list[str], prompts: list[str],
+                seeds: list[int], images: list[bytes]) -> pa.Table:
+    return pa.table([item_ids, labels, classnames, prompts, seeds, images], schema=SCHEMA)
+
+
+def write_shard(path: str, index: int, table: pa.Table) -> dict:
+    """Write shard `index` atomically (temp name, then move); return its manifest record."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    fs, root = filesystem(path)
+    tmp_dir, shard_dir = join(root, TMP_DIR), join(root, SHARDS_DIR)
+    fs.create_dir(tmp_dir, recursive=True)
+    fs.create_dir(shard_dir, recursive=True)
+    # unique temp name: a retried task may race a zombie attempt of the same shard
+    tmp = join(tmp_dir, f"{shard_name(index)}.{uuid.uuid4().hex}")
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, join(shard_dir, shard_name(index)))
+    return {"index": index, "file": f"{SHARDS_DIR}/{shard_name(index)}", "rows": table.num_rows,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def list_shards(path: str) -> dict[int, str]:
+    """Committed shards by index: {index: path inside the filesystem}. Temp files never match."""
+    fs, root = filesystem(path)
+    sel = pafs.FileSelector(join(root, SHARDS_DIR), allow_not_found=True)
+    out = {}
+    for info in fs.get_file_info(sel):
+        m = SHARD_RE.match(info.base_name)
+        if m and info.type == pafs.FileType.File:
+            out[int(m.group(1))] = info.path
+    return out
+
+
+def shard_record(path: str, index: int) -> dict | None:
+    """Manifest record of a committed shard (reads it whole for the checksum); None if unreadable."""
+    fs, root = filesystem(path)
+    p = join(root, SHARDS_DIR, shard_name(index))
+    try:
+        with fs.open_input_file(p) as f:
+            data = f.read()
+        rows = pq.read_metadata(pa.BufferReader(data)).num_rows
+    except Exception:  # missing or corrupt: the caller regenerates it
+        return None
+    return {"index": index, "file": f"{SHARDS_DIR}/{shard_name(index)}", "rows": rows,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def shard_item_ids(path: str, index: int) -> list[str] | None:
+    """Item ids stored in a committed shard, or None if it cannot be read (corrupt/foreign)."""
+    fs, root = filesystem(path)
+    try:
+        t = pq.read_table(join(root, SHARDS_DIR, shard_name(index)), columns=["item_id"],
+                          filesystem=fs)
+    except Exception:  # unreadable: treat as missing
+        return None
+    return t.column("item_id").to_pylist()
+
+
+def delete_shard(path: str, index: int) -> None:
+    fs, root = filesystem(path)
+    try:
+        fs.delete_file(join(root, SHARDS_DIR, shard_name(index)))
+    except FileNotFoundError:
+        pass
+
+
+def clear_tmp(path: str) -> None:
+    fs, root = filesystem(path)
+    if _exists(fs, join(root, TMP_DIR)):
+        fs.delete_dir(join(root, TMP_DIR))
+
+
+# ---------------------------------------------------------------- manifest ---
+
+def write_bytes_atomic(path: str, name: str, data: bytes) -> None:
+    fs, root = filesystem(path)
+    fs.create_dir(root, recursive=True)
+    tmp = join(root, f".{name}.{uuid.uuid4().hex}.tmp")
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, join(root, name))
+
+
+def write_manifest(path: str, manifest: dict) -> None:
+    write_bytes_atomic(path, MANIFEST, json.dumps(manifest, indent=1, sort_keys=False).encode())
+
+
+def read_manifest(path: str) -> dict | None:
+    """The manifest, or None when there is none yet."""
+    fs, root = filesystem(path)
+    try:
+        with fs.open_input_stream(join(root, MANIFEST)) as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        return None
+
+
+def load_manifest(dataset_path: str) -> dict:
+    """The manifest of a stored dataset; DatasetNotReady when there is none."""
+    m = read_manifest(dataset_path)
+    if m is None:
+        raise DatasetNotReady(
+            f"no dataset at {dataset_path!r} ({MANIFEST} missing); create it with "
+            "python -m regft.generate TASK --store STORE"
+        )
+    return m
+
+
+def _complete_manifest(dataset_path: str) -> dict:
+    m = load_manifest(dataset_path)
+    if not m.get("complete"):
+        done = len(list_shards(dataset_path))
+        total = m.get("layout", {}).get("num_shards", "?")
+        raise DatasetNotReady(
+            f"dataset {dataset_path!r} is incomplete ({done}/{total} shards); re-run the same "
+            "python -m regft.generate command to finish it (only missing images are generated)"
+        )
+    return m
+
+
+# ------------------------------------------------------------------ splits ---
+
+def split_of(item_id: str, val_fraction: float = 0.1) -> str:
+    """'val' iff sha256(item_id)[:8] / 2**64 < val_fraction, else 'train' (see module doc)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    u = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") / 2.0**64
+    return "val" if u < val_fraction else "train"
+
+
+def _check_split(split: str, val_fraction: float) -> None:
+    problems = []
+    if split not in SPLITS:
+        problems.append(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        problems.append(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _split_mask(item_ids: Iterable[str], split: str, val_fraction: float) -> np.ndarray:
+    return np.array([split_of(i, val_fraction) == split for i in item_ids], dtype=bool)
+
+
+def _filter_split(batch: pa.Table, split: str, val_fraction: float) -> pa.Table:
+    # module-level so Ray can pickle it by reference
+    mask = _split_mask(batch.column("item_id").to_pylist(), split, val_fraction)
+    return batch.filter(pa.array(mask))
+
+
+def shard_paths(dataset_path: str, manifest: dict) -> tuple[pafs.FileSystem, list[str]]:
+    """The shards a complete manifest lists, as filesystem paths (never a directory glob)."""
+    fs, root = filesystem(dataset_path)
+    return fs, [join(root, s["file"]) for s in manifest["shards"]]
+
+
+def read_ray_dataset(dataset_path: str, split: str = "train", val_fraction: float = 0.1):
+    """A Ray Dataset of a complete stored dataset's rows in `split` ('train', 'val' or 'all').
+
+    Columns as stored: item_id, label, classname, prompt, seed, image (PNG bytes; decode with
+    `decode_image`). Only the shards the manifest lists are read.
+    """
+    import ray.data
+
+    _check_split(split, val_fraction)
+    manifest = _complete_manifest(dataset_path)
+    fs, paths = shard_paths(dataset_path, manifest)
+    ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
+    if split == "all":
+        return ds
+    return ds.map_batches(_filter_split, batch_format="pyarrow", batch_size=None,
+                          fn_kwargs={"split": split, "val_fraction": val_fraction})
+
+
+def read_table(dataset_path: str, split: str = "all", val_fraction: float = 0.1,
+               columns: list[str] | None = None) -> pa.Table:
+    """All rows of a complete dataset in `split` as one Arrow table, in item_id order."""
+    _check_split(split, val_fraction)
+    manifest = _complete_manifest(dataset_path)
+    fs, paths = shard_paths(dataset_path, manifest)
+    cols = None if columns is None else sorted(set(columns) | {"item_id"}, key=SCHEMA.names.index)
+    table = pa.concat_tables([pq.read_table(p, columns=cols, filesystem=fs) for p in paths])
+    if split != "all":
+        table = _filter_split(table, split, val_fraction)
+    return table
+
+
+try:
+    from torch.utils.data import Dataset as _TorchDataset
+except ImportError:  # torch is a hard dependency; this only keeps `import regft.store` light
+    _TorchDataset = object
+
+
+class TorchImageDataset(_TorchDataset):
+    """A complete stored dataset as a map-style torch Dataset of (transform(PIL image), label).
+
+    The split's rows are held in memory as Arrow buffers (PNG bytes, decoded per item), which
+    forked DataLoader workers share without copying.
+    """
+
+    def __init__(self, dataset_path: str, split: str = "train",
+                 transform: Callable | None = None, val_fraction: float = 0.1):
+        self.dataset_path = dataset_path
+        self.split = split
+        self.transform = transform
+        self.manifest = load_manifest(dataset_path)
+        self.table = read_table(dataset_path, split, val_fraction,
+                                columns=["item_id", "label", "image"])
+        self._images = self.table.column("image")
+        self.labels = np.asarray(self.table.column("label").to_numpy(), dtype=np.int64)
+        self.item_ids = self.table.column("item_id").to_pylist()
+        self.classnames = list(self.manifest["task"]["classnames"])
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int):
+        image = decode_image(self._images[i].as_py())
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[i])
+
+
+# ------------------------------------------------------------------ samples --
+
+def sample_grid(dataset_path: str, manifest: dict, max_classes: int = 8, per_class: int = 4,
+                tile: int | None = None):
+    """A PIL image: `per_class` images for up to `max_classes` classes spread over the label range,
+    one row per class, class name on the left."""
+    from PIL import Image, ImageDraw
+
+    counts = manifest["class_counts"]
+    names = manifest["task"]["classnames"]
+    shard_size = manifest["layout"]["shard_size"]
+    n_cls = len(counts)
+    labels = sorted({round(i * (n_cls - 1) / max(1, min(max_classes, n_cls) - 1))
+                     for i in range(min(max_classes, n_cls))})
+    per_class = min(per_class, min(counts[k] for k in labels))
+    starts = np.concatenate([[0], np.cumsum(counts)])  # item position of (label, 0)
+    wanted = {(k, i) for k in labels for i in range(per_class)}
+    shards = sorted({int((starts[k] + i) // shard_size) for k, i in wanted})
+    fs, root = filesystem(dataset_path)
+    images = {}
+    for s in shards:
+        t = pq.read_table(join(root, SHARDS_DIR, shard_name(s)), columns=["item_id", "label", "image"],
+                          filesystem=fs)
+        for item_id, label, img in zip(*(t.column(c).to_pylist() for c in ("item_id", "label", "image"))):
+            idx = int(item_id.split("-")[1])
+            if (label, idx) in wanted:
+                images[(label, idx)] = decode_image(img)
+    size = manifest["settings"]["output_size"]
+    tile = tile or int(min(max(size, 64), 128))
+    margin = 200
+    grid = Image.new("RGB", (margin + per_class * tile, len(labels) * tile), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, k in enumerate(labels):
+        draw.text((4, r * tile + tile // 2 - 6), f"{k}: {names[k]}"[:32], fill="black")
+        for i in range(per_class):
+            if (k, i) in images:
+                im = images[(k, i)].resize((tile, tile), Image.NEAREST if size < tile else Image.BICUBIC)
+                grid.paste(im, (margin + i * tile, r * tile))
+    return grid
+
+
+def write_sample_grid(dataset_path: str, manifest: dict) -> str:
+    buf = io.BytesIO()
+    sample_grid(dataset_path, manifest).save(buf, format="PNG")
+    write_bytes_atomic(dataset_path, SAMPLES, buf.getvalue())
+    return join(dataset_path, SAMPLES)

@@ -1,0 +1,229 @@
+"""`python -m regft.train`: config, checks that fail before training, and an end-to-end run with
+2 CPU workers on a tiny learnable generated set (tiny CLIP, 32 px)."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from regft import store as st
+from regft.cli import UserError
+from regft.realdata import read_audit
+from regft.train import (
+    TrainConfig,
+    check_resources,
+    final_table,
+    load_checkpoint,
+    main,
+    steps_per_epoch,
+)
+
+COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [230, 220, 40]], dtype=np.float32)
+NAMES = ["red", "green", "blue", "yellow"]
+
+
+def colour_image(k: int, rng, size: int = 32) -> np.ndarray:
+    """Class k: a noisy square of colour k at a random place on a grey background."""
+    img = np.full((size, size, 3), 128, dtype=np.float32)
+    x, y = rng.integers(0, size // 2, 2)
+    img[y:y + size // 2, x:x + size // 2] = COLOURS[k]
+    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+def write_colour_dataset(path, per_class: int, shard_size: int = 32) -> str:
+    """A complete store-format dataset (regft.store's shard writer + manifest), item_id order."""
+    rng = np.random.default_rng(0)
+    rows = [(f"{k:04d}-{i:05d}", k, NAMES[k], f"a photo of a {NAMES[k]}.", i,
+             st.encode_png(colour_image(k, rng))) for k in range(len(NAMES)) for i in range(per_class)]
+    records = []
+    for index in range(math.ceil(len(rows) / shard_size)):
+        chunk = rows[index * shard_size:(index + 1) * shard_size]
+        records.append(st.write_shard(str(path), index, st.shard_table(*map(list, zip(*chunk)))))
+    st.write_manifest(str(path), {
+        "format": st.FORMAT, "dataset_id": path.name, "complete": True,
+        "task": {"name": "colours", "classnames": NAMES, "generation_classnames": NAMES},
+        "num_images": len(rows), "class_counts": [per_class] * len(NAMES),
+        "layout": {"shard_size": shard_size, "num_shards": len(records), "num_items": len(rows)},
+        "shards": records,
+    })
+    return str(path)
+
+
+def write_real_folder(root, per_class: int = 3):
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(NAMES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(colour_image(k, rng)).save(root / name / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    classnames = root / "colours.txt"
+    classnames.write_text("\n".join(NAMES) + "\n")
+    return {
+        "dataset": write_colour_dataset(root / "ds", per_class=48),
+        "real": write_real_folder(root / "real"),
+        "classnames": str(classnames),
+    }
+
+
+def cli_args(colours, tmp_path, *extra):
+    return ["colours", "--classnames", colours["classnames"], "--dataset", colours["dataset"],
+            "--model", "tiny", "--pretrained", "none", "--epochs", "2", "--batch-size", "16",
+            "--warmup-steps", "2", "--lr", "1e-3", "--storage", str(tmp_path / "runs"), *extra]
+
+
+# ------------------------------------------------------------------ config ----
+def test_defaults_are_the_papers():
+    cfg = TrainConfig(task="cars")
+    assert (cfg.model, cfg.pretrained) == ("ViT-B-16", "openai")
+    assert (cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.warmup_steps, cfg.grad_clip) == (
+        0.1, 128, 10, 500, 1.0)
+    assert (cfg.vc_weight, cfg.vc_cov_ratio) == (0.16, 0.125)
+    assert cfg.vc_weight * cfg.vc_cov_ratio == pytest.approx(0.02)
+    assert cfg.alpha_grid == pytest.approx([i / 10 for i in range(11)])
+    assert cfg.selection_metric == "synthetic_val" and cfg.validate() == []
+
+
+def test_validate_reports_every_problem():
+    cfg = TrainConfig(task="cars", lr=0.0, batch_size=10, num_workers=3, selection_metric="real_test",
+                      alpha_grid=[0.0, 1.5], precision="fp16")
+    problems = "\n".join(cfg.validate())
+    for needle in ("lr", "divisible", "real_test", "alpha_grid", "fp16"):
+        assert needle in problems
+    with pytest.raises(UserError, match="unknown key 'vc_wieght'"):
+        TrainConfig.from_dict({"task": "cars", "vc_wieght": 0.1})
+    with pytest.raises(UserError, match="needs real_val"):
+        TrainConfig.from_dict({"task": "cars", "selection_metric": "real_val"})
+
+
+def test_resource_checks_catch_runs_that_could_never_start():
+    cap = {"cpus": 2.0, "gpus": 0.0, "node_cpus": 2.0}
+    assert check_resources(TrainConfig(task="t", num_workers=1), cap) == []
+    assert check_resources(TrainConfig(task="t", num_workers=2, cpus_per_worker=0.5), cap) == []
+    assert "no GPUs" in check_resources(TrainConfig(task="t", use_gpu=True), cap)[0]
+    assert "could never start" in check_resources(TrainConfig(task="t", num_workers=2), cap)[0]
+    assert "largest node" in check_resources(TrainConfig(task="t", cpus_per_worker=4), cap)[0]
+
+
+def test_steps_per_epoch_drops_partial_batches_and_shard_remainders():
+    assert steps_per_epoch(100, TrainConfig(task="t", batch_size=16, num_workers=2)) == 6
+    assert steps_per_epoch(15, TrainConfig(task="t", batch_size=16)) == 0
+
+
+def test_final_table_names_the_split_of_each_number():
+    table = final_table({"best_alpha": 0.3, "best_epoch": 2, "selection_metric": "synthetic_val",
+                         "zs_synthetic_val_acc": 0.25, "ft_synthetic_val_acc": 0.9,
+                         "ens_synthetic_val_acc": 0.95, "zs_real_test_acc": 0.5,
+                         "ft_real_test_acc": 0.4, "ens_real_test_acc": 0.6})
+    assert "synthetic_val" in table and "real_test" in table and "(reported only)" in table
+    assert "0.9500" in table and "real_val" not in table
+
+
+# --------------------------------------------------------- failing early (exit 2) ----
+@pytest.mark.timeout(120)
+def test_cli_fails_clearly_before_training(ray_local, colours, tmp_path, capsys):
+    def err(*extra):
+        assert main(cli_args(colours, tmp_path, *extra)) == 2
+        return capsys.readouterr().err
+
+    assert "no dataset there" in err("--dataset", str(tmp_path / "nothing"))
+    assert "no such file" in err("--real-test", str(tmp_path / "missing"))
+    bad = tmp_path / "bad_real"
+    (bad / "purple").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(bad / "purple" / "0.png")
+    (bad / "red").mkdir()
+    Image.new("RGB", (8, 8)).save(bad / "red" / "0.png")
+    assert "'purple'" in err("--real-val", str(bad))
+    assert "no GPUs" in err("--use-gpu")
+    assert "could never start" in err("--num-workers", "2")
+    other = tmp_path / "other.txt"
+    other.write_text("cat\ndog\n")
+    args = cli_args(colours, tmp_path)
+    args[args.index("--classnames") + 1] = str(other)
+    assert main(args) == 2 and "not the 2 classes" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- end to end ----
+@pytest.mark.timeout(300)
+def test_two_worker_run_reports_selects_without_peeking_and_checkpoints(ray_local, colours, tmp_path,
+                                                                        capsys):
+    audit = tmp_path / "audit.jsonl"
+    out = tmp_path / "final.json"
+    rc = main(cli_args(colours, tmp_path, "--num-workers", "2", "--cpus-per-worker", "0.5",
+                       "--real-test", colours["real"], "--audit-log", str(audit),
+                       "--keep-checkpoints", "5", "--name", "e2e", "--json", str(out)))
+    printed = capsys.readouterr().out
+    assert rc == 0
+    final = json.loads(out.read_text())
+
+    # final table: zero-shot, fine-tuned and ensemble on each split
+    assert "synthetic_val" in printed and "real_test" in printed and "zero-shot" in printed
+    for prefix in ("zs", "ft", "ens"):
+        for split in ("synthetic_val", "real_test"):
+            assert 0.0 <= final[f"{prefix}_{split}_acc"] <= 1.0
+    assert "ens_real_val_acc" not in final
+
+    # the alpha curve is on the selection split; its endpoints are zero-shot and fine-tuned
+    curve = final["alpha_curve"]
+    assert [a for a, _ in curve] == pytest.approx([i / 10 for i in range(11)])
+    assert curve[0][1] == final["zs_synthetic_val_acc"]
+    assert curve[-1][1] == final["ft_synthetic_val_acc"]
+    assert final["best_alpha"] in [a for a, _ in curve]
+    assert final["select_metric"] == max(v for _, v in curve)
+    assert final["ens_synthetic_val_acc"] == final["select_metric"]
+    assert final["selection_metric"] == "synthetic_val" and final["final"] is True
+
+    # the real test split is opened only after selection is final, on every rank
+    events = read_audit(str(audit))
+    for rank in (0, 1):
+        mine = [e["event"] for e in events if e["rank"] == rank]
+        assert mine == ["selection_final", "unseal", "open"], mine
+    assert not any(e["event"] == "blocked_read" for e in events)
+
+    # checkpoints: plain state dicts (weights_only=True); per-epoch metrics carry every key
+    from ray.train import Result
+
+    result = Result.from_path(str(tmp_path / "runs" / "e2e"))
+    per_epoch, finals = [], []
+    for ckpt, _ in result.best_checkpoints:
+        with ckpt.as_directory() as d:
+            state, meta = load_checkpoint(d)  # torch.load(..., weights_only=True)
+            (finals if meta["final"] else per_epoch).append(meta)
+            assert all(isinstance(v, torch.Tensor) for v in state.values())
+            if not meta["final"]:  # optimizer/scheduler state for resuming: also weights_only
+                ts = torch.load(Path(d) / "train_state.pt", weights_only=True)
+                assert {"optimizer", "scheduler", "best"} <= set(ts)
+    assert len(per_epoch) == 2 and len(finals) == 1
+    keys = {"epoch", "train_loss", "ce_loss", "vc_loss", "vc_variance", "vc_covariance", "lr",
+            "images_per_s", "synthetic_val_acc", "div_magnitude", "div_direction",
+            "effective_rank", "select_metric"}
+    for meta in per_epoch:
+        assert keys <= set(meta["metrics"])
+    by_epoch = {m["epoch"]: m["metrics"] for m in per_epoch}
+    assert by_epoch[2]["train_loss"] < by_epoch[1]["train_loss"]  # learnable: the loss goes down
+    assert finals[0]["alpha"] == final["best_alpha"]
+
+
+@pytest.mark.timeout(240)
+def test_a_failed_run_resumes_from_its_latest_checkpoint(ray_local, colours, tmp_path):
+    from regft.train import run
+
+    audit = tmp_path / "audit.jsonl"
+    cfg = TrainConfig(task="colours", classnames=colours["classnames"], model="tiny", pretrained=None,
+                      epochs=2, batch_size=16, warmup_steps=2, lr=1e-3, alpha_grid=[0.0, 0.5, 1.0],
+                      keep_checkpoints=5, audit_log=str(audit))
+    result = run(cfg, colours["dataset"], storage=str(tmp_path / "runs"), name="resume",
+                 max_failures=1, fault={"after_epoch": 1, "marker": str(tmp_path / "failed")})
+    assert (tmp_path / "failed").exists()  # the fault did fire
+    assert [e for e in read_audit(str(audit)) if e["event"] == "resume"][0]["epoch"] == 1
+    assert result.metrics["final"] is True and result.metrics["epoch"] == 2
+    assert [a for a, _ in result.metrics["alpha_curve"]] == [0.0, 0.5, 1.0]
+    _, meta = load_checkpoint(result.checkpoint_path)
+    assert meta["final"] and meta["alpha"] == result.metrics["best_alpha"]
