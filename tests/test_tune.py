@@ -1,0 +1,149 @@
+"""End-to-end tests of the main job, `python -m regft.tune`, offline on local Ray."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from regft.tune import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _runs(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("regft.role") == "search"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+# ---------------------------------------------------------------- bad input, no work ----
+
+@pytest.mark.timeout(120)
+def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys, ray_local):
+    bad_space = tmp_path / "bad.yaml"
+    bad_space.write_text("parameters:\n  lr: {distribution: loguniform, low: 0, high: 1}\n"
+                         "alpha: {low: 0, high: 2}\n")
+    cases = [
+        (["carz"], "unknown task 'carz'"),
+        (["cars", "--search-space", str(bad_space)], "a log-scale range needs low > 0"),
+        (["cars", "--search-space", str(bad_space)], "alpha must lie in [0, 1]"),
+        (["cars", "--preset", "smoke", "--workers-per-trial", "9"], "could never start"),
+        (["cars", "--preset", "smoke", "--gpus-per-trial", "1"], "has no GPUs"),
+        (["cars", "--preset", "smoke", "--tracking-uri", f"http://127.0.0.1:{_closed_port()}"],
+         "tracking server unreachable"),
+        (["cars", "--preset", "smoke", "--epochs", "0", "--num-samples", "-1"], "--epochs: must be > 0"),
+        (["cars"], "weights for ViT-B-16/openai"),  # paper default offline: weights unavailable
+    ]
+    for argv, expected in cases:
+        rc = main([*argv, "--storage", str(tmp_path / "store"), "--tracking-uri", _db(tmp_path)]
+                  if "--tracking-uri" not in argv else [*argv, "--storage", str(tmp_path / "store")])
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        assert expected in err, (argv, err)
+        assert "Traceback" not in err
+    # nothing expensive happened: no dataset, no search state
+    assert not (tmp_path / "store" / "datasets").exists()
+    assert not (tmp_path / "store" / "searches").exists()
+
+
+# ------------------------------------------------------------------ the smoke search ----
+
+@pytest.mark.timeout(600)
+def test_smoke_search_logs_parent_and_children(tmp_path, ray_local, capsys):
+    rc = main(["cars", "--preset", "smoke", "--num-samples", "3", "--name", "e2e",
+               "--storage", str(tmp_path / "store"), "--tracking-uri", _db(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "plumbing check" in out  # smoke on a non-shapes task says its numbers are noise
+    assert "zero-shot" in out and "synthetic_val" in out
+
+    client, parents, children = _runs(_db(tmp_path), "regft-cars-first4")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    for c in children:
+        for p in ("lr", "vc_weight", "alpha_grid", "model", "generator", "dataset_id", "seed"):
+            assert p in c.data.params, (p, c.data.params)
+        hist = client.get_metric_history(c.info.run_id, "select_metric")
+        assert len(hist) >= 1
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert finished, "at least the first trial runs to the end"
+    for c in finished:
+        assert "alpha_curve.png" in [a.path for a in client.list_artifacts(c.info.run_id)]
+        curve = client.get_metric_history(c.info.run_id, "alpha_curve/select")
+        assert sorted(m.step for m in curve) == list(range(0, 101, 10))
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "search_space.yaml", "summary.txt", "samples.png",
+            "parallel_coordinate.png"} <= arts
+    assert "best/lr" in parent.data.params and "best/alpha" in parent.data.params
+    assert parent.info.status == "FINISHED"
+
+
+# ------------------------------------------------------------------------- resume ----
+
+def _count_finished(uri: str) -> int:
+    try:
+        _, _, children = _runs(uri, "regft-cars-first4")
+    except Exception:  # the store may not exist yet
+        return 0
+    return sum(c.info.status == "FINISHED" for c in children)
+
+
+@pytest.mark.timeout(900)
+def test_resume_after_driver_killed_ends_with_exactly_n_trials(tmp_path):
+    n = 4
+    args = [sys.executable, "-m", "regft.tune", "cars", "--preset", "smoke", "--num-samples", str(n),
+            "--scheduler", "fifo", "--name", "killed", "--storage", str(tmp_path / "store"),
+            "--tracking-uri", _db(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and _count_finished(_db(tmp_path)) < 1 and proc.poll() is None:
+        time.sleep(2)
+    assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, at once
+    proc.wait()
+    done_before = _count_finished(_db(tmp_path))
+    assert 1 <= done_before < n
+
+    out = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    client, parents, children = _runs(_db(tmp_path), "regft-cars-first4")
+    assert len(parents) == 1
+    assert len(children) == n, [c.data.tags.get("regft.trial_id") for c in children]
+    assert len({c.data.tags["regft.trial_id"] for c in children}) == n
+    assert sum(c.info.status == "FINISHED" for c in children) == n
+    import pandas as pd
+
+    arts = client.download_artifacts(parents[0].info.run_id, "results.csv", str(tmp_path))
+    df = pd.read_csv(arts)
+    assert len(df) == n and df["final"].all()
