@@ -1,0 +1,313 @@
+"""Procedural shapes testbed: a small, deterministic world where name-only transfer behaves like
+the paper's setting (docs/shapes-testbed.md).
+
+- Objects are (colour, shape) pairs from 8 colours x 8 shapes, rendered with numpy.
+- **Real domain** (what CLIP was pretrained on and what the task is tested on): object of random
+  size and position, slightly rotated, jittered colour, on a random smooth background with
+  pixel noise.
+- **Generated domain** (`ShapesGenerator`): the same classes with a systematic style shift of the
+  kind a text-to-image model introduces, scaled by `gap` in [0, 1]: centred and large objects,
+  class-correlated backgrounds (a pale tint of the object's colour, the colour bleeding of
+  text-to-image models, plus a small per-class offset), a dark outline, shading
+  texture, boosted saturation, less noise and a blur. gap = 0 reproduces the real domain exactly
+  (same random draws), so it is the no-shift control.
+- Task `shapes`: 16 colour-shape classes (each colour and each shape appears twice, so both
+  attributes are needed). Its real test split is rendered in the real domain.
+- A tiny CLIP pretrained contrastively on real-domain images of all 64 combinations ships in
+  `regft/pretrained/shapes-clip` (made by scripts/pretrain_shapes.py, see MADE.md there) and
+  loads through open_clip's `local-dir:` path: `create_clip(shapes_model_name(), None)`.
+
+Every image is a pure function of (class name, seed, gap, resolution): one numpy Generator per
+image, seeded from the seed and a CRC of the class name, and every random number is drawn in a
+fixed order whatever the gap.
+"""
+from __future__ import annotations
+
+import hashlib
+import zlib
+from importlib import resources
+
+import numpy as np
+
+from regft.tasks import Task
+
+SHAPES_VERSION = "shapes-v1"  # bump when rendering changes: it is part of the generator identity
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "ring", "heart")
+COLOURS = {  # base RGB in [0, 1]
+    "red": (0.85, 0.10, 0.10),
+    "orange": (0.95, 0.55, 0.05),
+    "yellow": (0.95, 0.90, 0.10),
+    "green": (0.10, 0.65, 0.15),
+    "cyan": (0.10, 0.80, 0.85),
+    "blue": (0.10, 0.20, 0.90),
+    "purple": (0.55, 0.15, 0.75),
+    "pink": (0.98, 0.50, 0.75),
+}
+# 16 target classes: shape i with colour i and colour i+3 (mod 8), so every colour and every
+# shape occurs in exactly two classes and neither attribute alone identifies a class.
+_C = tuple(COLOURS)
+TASK_CLASSES = tuple(
+    f"{_C[(i + k) % 8]} {SHAPES[i]}" for i in range(8) for k in (0, 3)
+)
+TEMPLATES = ("a photo of a {}.",)
+GENERATION_TEMPLATE = "a photo of a {}."
+REAL_TEST = "shapes:real"
+REAL_TEST_PER_CLASS = 100  # 1,600 real test images
+REAL_TEST_SEED = 0
+# captions of the pretraining pairs (scripts/pretrain_shapes.py); {c} colour, {s} shape
+CAPTION_TEMPLATES = (
+    "a photo of a {c} {s}.",
+    "a {c} {s}.",
+    "a picture of a {c} {s}.",
+    "a {s} that is {c}.",
+)
+PRETRAINED_DIR = "shapes-clip"
+
+
+def shapes_task() -> Task:
+    return Task(
+        name="shapes",
+        title="Procedural shapes (16 colour-shape classes)",
+        classnames=TASK_CLASSES,
+        templates=TEMPLATES,
+        generation_template=GENERATION_TEMPLATE,
+        real_test=REAL_TEST,
+        source="procedural:shapes",
+    )
+
+
+def shapes_pretrained_dir() -> str:
+    return str(resources.files("regft") / "pretrained" / PRETRAINED_DIR)
+
+
+def shapes_model_name() -> str:
+    """open_clip model name of the shipped tiny pretrained CLIP (`local-dir:` schema)."""
+    return "local-dir:" + shapes_pretrained_dir()
+
+
+def parse_classname(classname: str) -> tuple[str, str]:
+    """'red circle' -> ('red', 'circle'); ValueError naming the valid words otherwise."""
+    parts = classname.strip().lower().split()
+    if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in SHAPES:
+        raise ValueError(
+            f"shapes: class name {classname!r} is not '<colour> <shape>' with colour in "
+            f"{sorted(COLOURS)} and shape in {list(SHAPES)}"
+        )
+    return parts[0], parts[1]
+
+
+# ---------------------------------------------------------------- rendering ----
+
+def _rng(classname: str, seed: int) -> np.random.Generator:
+    key = zlib.crc32(classname.encode())
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & (2**64 - 1), key]))
+
+
+def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Boolean mask in object coordinates (object roughly fills [-1, 1]^2, y points down)."""
+    r2 = x * x + y * y
+    if shape == "circle":
+        return r2 <= 1.0
+    if shape == "ring":
+        return (r2 <= 1.0) & (r2 >= 0.55**2)
+    if shape == "square":
+        return np.maximum(np.abs(x), np.abs(y)) <= 0.82
+    if shape == "diamond":
+        return np.abs(x) + np.abs(y) <= 1.0
+    if shape == "triangle":  # pointing up
+        return (y <= 0.6) & (y >= -1.0 + 1.8 * np.abs(x))
+    if shape == "cross":
+        ax, ay = np.abs(x), np.abs(y)
+        return ((ax <= 0.3) & (ay <= 0.95)) | ((ay <= 0.3) & (ax <= 0.95))
+    if shape == "star":  # five points, one pointing up
+        theta = np.arctan2(y, x) + np.pi / 2
+        period = 2 * np.pi / 5
+        t = np.mod(theta, period) / period
+        edge = 0.42 + 0.6 * np.abs(2 * t - 1)
+        return np.sqrt(r2) <= edge
+    if shape == "heart":
+        hx, hy = 1.15 * x, -1.15 * y + 0.25
+        return (hx * hx + hy * hy - 1) ** 3 - hx * hx * hy**3 <= 0
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of (H, W, 3) with reflect padding; sigma in pixels."""
+    if sigma <= 1e-3:
+        return img
+    radius = 2
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    k /= k.sum()
+    pad = np.pad(img, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    h, w = img.shape[:2]
+    tmp = sum(k[i] * pad[:, i:i + w] for i in range(2 * radius + 1))  # (H+2r, W, 3)
+    return sum(k[i] * tmp[i:i + h] for i in range(2 * radius + 1))  # (H, W, 3)
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
+    """Low-frequency noise: a (cells x cells) grid bilinearly upsampled to (size, size, channels)."""
+    grid = rng.standard_normal((cells, cells, channels))
+    pos = np.linspace(0, cells - 1, size)
+    i0 = np.floor(pos).astype(int).clip(0, cells - 2)
+    f = (pos - i0)[:, None]
+    rows = grid[i0] * (1 - f)[..., None] + grid[i0 + 1] * f[..., None]  # (size, cells, ch)
+    cols = rows[:, i0] * (1 - f.T)[..., None] + rows[:, i0 + 1] * f.T[..., None]
+    return cols  # (size, size, ch)
+
+
+def class_background(classname: str) -> np.ndarray:
+    """The generated domain's class-correlated background colour (RGB in [0, 1]).
+
+    Text-to-image models bleed a prompt's colour into the scene: the background is a pale tint
+    of the object's colour plus a small per-class offset. It tells the colour (which two classes
+    share), not the shape, so it is a partial shortcut, as a shared "generated look" is among
+    fine-grained classes.
+    """
+    colour, _ = parse_classname(classname)
+    h = hashlib.sha256(f"shapes-bg\x1f{classname}".encode()).digest()
+    offset = (np.frombuffer(h[:3], dtype=np.uint8) / 255.0 - 0.5) * 0.16
+    return 0.45 * np.asarray(COLOURS[colour]) + 0.55 * 0.72 + offset
+
+
+def render(classname: str, seed: int, gap: float = 0.0, resolution: int = 32) -> np.ndarray:
+    """One image, uint8 (resolution, resolution, 3): real domain at gap=0, generated at gap=1.
+
+    A pure function of its arguments. All random numbers are drawn in the same order for every
+    gap, so gap only moves the style, never the object's identity or the nuisance draws.
+    """
+    if not 0.0 <= gap <= 1.0:
+        raise ValueError(f"shapes: gap must be in [0, 1], got {gap}")
+    if resolution < 8:
+        raise ValueError(f"shapes: resolution must be >= 8, got {resolution}")
+    colour, shape = parse_classname(classname)
+    rng = _rng(classname, seed)
+    g = float(gap)
+    ss = 2 * resolution  # supersampled grid, averaged 2x2 at the end (anti-aliasing)
+
+    # --- random draws (fixed order) ---
+    r_real = rng.uniform(0.40, 0.65)
+    c_real = rng.uniform(-1, 1, 2) * (0.95 - r_real)
+    angle_real = rng.uniform(-0.3, 0.3)
+    col_jit = rng.normal(0, 0.05, 3)
+    bright = rng.uniform(0.8, 1.1)
+    bg_mean = 0.5 * rng.uniform(0.15, 0.85) + 0.5 * rng.uniform(0, 1, 3)
+    bg_field = _smooth_field(rng, resolution, 4, 3)
+    noise = rng.standard_normal((resolution, resolution, 3))
+    r_gen = rng.uniform(0.62, 0.78)
+    c_gen = rng.normal(0, 0.04, 2)
+    bg_gen_jit = rng.normal(0, 0.05, 3)
+
+    # --- geometry: random placement (real) -> centred and large (generated) ---
+    r = (1 - g) * r_real + g * r_gen
+    cx, cy = (1 - g) * c_real + g * c_gen
+    angle = (1 - g) * angle_real
+    p = (np.arange(ss) + 0.5) / ss * 2 - 1
+    u, v = np.meshgrid(p, p)  # u: x (columns), v: y (rows, down)
+    ca, sa = np.cos(angle), np.sin(angle)
+    xo = (ca * (u - cx) + sa * (v - cy)) / r
+    yo = (-sa * (u - cx) + ca * (v - cy)) / r
+    mask_ss = _shape_mask(shape, xo, yo).astype(np.float64)
+    mask = mask_ss.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))[..., None]  # (H, W, 1)
+
+    # --- object colour: jitter, then saturation/contrast boost and shading with the gap ---
+    base = np.asarray(COLOURS[colour])
+    col = np.clip((base + col_jit) * bright, 0, 1)
+    sat = col.mean() + (col - col.mean()) * 1.4
+    col = (1 - g) * col + g * np.clip(sat, 0, 1)
+    xs = xo.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))
+    ys = yo.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))
+    shade = 1.0 + g * 0.22 * (-0.5 * xs - 0.5 * ys).clip(-1.5, 1.5)  # "3D" lighting texture
+    obj = col[None, None, :] * shade[..., None]
+
+    # --- background: random smooth colour (real) -> class-correlated studio colour ---
+    bg_real = bg_mean[None, None, :] + 0.10 * bg_field
+    bg_cls = class_background(classname) + bg_gen_jit
+    vgrad = np.linspace(0.08, -0.08, resolution)[:, None, None]
+    bg = (1 - g) * bg_real + g * (bg_cls[None, None, :] + vgrad)
+
+    img = mask * obj + (1 - mask) * bg
+
+    # --- outline: dark rim just outside the object, opacity = gap ---
+    if g > 0:
+        grown = _shape_mask(shape, xo / 1.12, yo / 1.12).astype(np.float64)
+        rim = grown.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))[..., None] - mask
+        img = img * (1 - g * 0.85 * rim.clip(0, 1)) + 0.0
+
+    # --- noise down, blur up with the gap ---
+    img = img + ((1 - g) * 0.04 + g * 0.015) * noise
+    img = _blur(img, 0.7 * g)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def real_seed(classname: str, index: int, seed: int, split: str) -> int:
+    key = f"shapes-real\x1f{split}\x1f{classname}\x1f{index}\x1f{seed}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+
+
+def render_real_test(
+    n_per_class: int = REAL_TEST_PER_CLASS,
+    seed: int = REAL_TEST_SEED,
+    resolution: int = 32,
+    classnames: tuple[str, ...] = TASK_CLASSES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The task's real test split: (images uint8 N x H x W x 3, labels int64 N), class-major."""
+    if n_per_class <= 0:
+        raise ValueError(f"shapes: n_per_class must be > 0, got {n_per_class}")
+    images, labels = [], []
+    for label, name in enumerate(classnames):
+        for i in range(n_per_class):
+            images.append(render(name, real_seed(name, i, seed, "test"), 0.0, resolution))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def write_real_test(root: str, n_per_class: int = REAL_TEST_PER_CLASS, seed: int = REAL_TEST_SEED,
+                    resolution: int = 32) -> str:
+    """Write the real test split as an ImageFolder tree root/<class name>/<index>.png."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    images, labels = render_real_test(n_per_class, seed, resolution)
+    out = Path(root)
+    counts: dict[int, int] = {}
+    for img, label in zip(images, labels):
+        folder = out / TASK_CLASSES[int(label)].replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        i = counts.get(int(label), 0)
+        counts[int(label)] = i + 1
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    return str(out)
+
+
+class ShapesGenerator:
+    """Procedural stand-in for a text-to-image model, same interface as the diffusers generator.
+
+    The image for an item depends only on (class name, seed, gap, resolution); prompts and labels
+    are accepted for interface compatibility and ignored (the class name carries the content).
+    """
+
+    def __init__(self, resolution: int = 32, gap: float = 1.0):
+        problems = []
+        if not isinstance(resolution, int) or resolution < 8:
+            problems.append(f"resolution must be an int >= 8, got {resolution!r}")
+        if not 0.0 <= float(gap) <= 1.0:
+            problems.append(f"gap must be in [0, 1] (0 = real domain, 1 = full shift), got {gap!r}")
+        if problems:
+            raise ValueError("ShapesGenerator: " + "; ".join(problems))
+        self.resolution = resolution
+        self.gap = float(gap)
+
+    def identity(self) -> dict:
+        return {"generator": "shapes", "version": SHAPES_VERSION,
+                "resolution": self.resolution, "gap": self.gap}
+
+    def generate(self, prompts: list[str], seeds: list[int], labels: list[int],
+                 classnames: list[str]) -> list[np.ndarray]:
+        n = len(seeds)
+        if not (len(prompts) == len(labels) == len(classnames) == n):
+            raise ValueError(
+                f"ShapesGenerator.generate: prompts, seeds, labels and classnames must have equal "
+                f"lengths, got {len(prompts)}, {n}, {len(labels)}, {len(classnames)}"
+            )
+        return [render(c, s, self.gap, self.resolution) for c, s in zip(classnames, seeds)]
