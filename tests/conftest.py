@@ -19,9 +19,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
-    """A 2-CPU local Ray shared by every Ray-using test in the session."""
+def _start_local_ray():
     import ray
 
     if not ray.is_initialized():
@@ -35,8 +33,34 @@ def ray_local(tmp_path_factory):
             log_to_driver=False,
             configure_logging=False,
         )
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts the shared local Ray down at the end of the session."""
+    yield
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """A 2-CPU local Ray shared by every Ray-using test (started once, restarted only if a
+    test had to shut it down)."""
+    return _start_local_ray()
+
+
+@pytest.fixture
+def no_local_ray():
+    """For tests that start Ray clusters in subprocesses: stop the shared one first. With two
+    Ray instances on one machine, Ray Train's placement-group cleaner cannot tell which
+    cluster it belongs to and fails, leaking the trial's reservation."""
+    import ray
+
+    ray.shutdown()
+    yield
 
 
 @pytest.fixture

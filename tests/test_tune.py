@@ -115,7 +115,7 @@ def _count_finished(uri: str) -> int:
 
 
 @pytest.mark.timeout(900)
-def test_resume_after_driver_killed_ends_with_exactly_n_trials(tmp_path):
+def test_resume_after_driver_killed_ends_with_exactly_n_trials(tmp_path, no_local_ray):
     n = 4
     args = [sys.executable, "-m", "regft.tune", "cars", "--preset", "smoke", "--num-samples", str(n),
             "--scheduler", "fifo", "--name", "killed", "--storage", str(tmp_path / "store"),
