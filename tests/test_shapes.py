@@ -112,6 +112,8 @@ def test_write_real_test_imagefolder(tmp_path):
 
 
 def test_shipped_checkpoint_loads_via_local_dir_and_beats_chance():
+    from PIL import Image
+
     from regft.metrics import accuracy
     from regft.models import build_classifier, create_clip
 
@@ -123,7 +125,7 @@ def test_shipped_checkpoint_loads_via_local_dir_and_beats_chance():
     bundle = create_clip(name, None)
     clf = build_classifier(bundle, shapes.shapes_task()).eval()
     imgs, labels = shapes.render_real_test(20, seed=shapes.REAL_TEST_SEED)
-    x = torch.stack([bundle.preprocess_eval(__import__("PIL.Image").Image.fromarray(a)) for a in imgs])
+    x = torch.stack([bundle.preprocess_eval(Image.fromarray(a)) for a in imgs])  # (N, 3, 32, 32)
     with torch.no_grad():
         acc = accuracy(clf(x), torch.from_numpy(labels))
     assert acc > 0.4, f"zero-shot accuracy {acc:.3f} (chance 0.0625)"
