@@ -550,7 +550,8 @@ def cluster_capacity() -> dict[str, float]:
     total = ray.cluster_resources()
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     return {"cpus": float(total.get("CPU", 0)), "gpus": float(total.get("GPU", 0)),
-            "node_cpus": max((float(r.get("CPU", 0)) for r in nodes), default=0.0)}
+            "node_cpus": max((float(r.get("CPU", 0)) for r in nodes), default=0.0),
+            "node_gpus": max((float(r.get("GPU", 0)) for r in nodes), default=0.0)}
 
 
 def check_real_data(cfg: TrainConfig) -> list[str]:

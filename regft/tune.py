@@ -261,20 +261,6 @@ def init_ray(address: str | None):
     return ray
 
 
-def cluster_capacity() -> dict[str, float]:
-    """Total CPUs/GPUs and the largest single node's CPUs/GPUs."""
-    import ray
-
-    total = ray.cluster_resources()
-    per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    return {
-        "cpus": float(total.get("CPU", 0)),
-        "gpus": float(total.get("GPU", 0)),
-        "node_cpus": max((float(r.get("CPU", 0)) for r in per_node), default=0.0),
-        "node_gpus": max((float(r.get("GPU", 0)) for r in per_node), default=0.0),
-    }
-
-
 TRIAL_DRIVER_CPU = 0.01  # the Tune function that drives a trial's TorchTrainer only waits
 
 
@@ -533,6 +519,8 @@ def run_search(s: SearchSettings) -> int:
         raise UserError(problems)
 
     init_ray(s.address)
+    from regft.train import cluster_capacity
+
     cap = cluster_capacity()
     if s.resource_check:
         problems = check_resources(s, cap)
@@ -595,8 +583,8 @@ def run_search(s: SearchSettings) -> int:
     t0 = time.time()
     dataset_path = ensure_dataset(gen_cfg)
     client.set_tag(parent_id, "regft.dataset", dataset_path)
-    client.log_param(parent_id, "dataset_id", Path(dataset_path).name) if "dataset_id" not in \
-        client.get_run(parent_id).data.params else None
+    if "dataset_id" not in client.get_run(parent_id).data.params:  # a resumed search has it
+        client.log_param(parent_id, "dataset_id", Path(dataset_path).name)
     print(f"dataset: {dataset_path} (ready in {time.time() - t0:.0f} s)")
 
     # ---- 5. the search
