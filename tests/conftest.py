@@ -52,6 +52,13 @@ def ray_local(_ray_session):
     return _start_local_ray()
 
 
+@pytest.fixture(scope="module")
+def ray_local_module(_ray_session):
+    """The same shared Ray, for module-scoped fixtures (a function-scoped fixture cannot be
+    requested from those)."""
+    return _start_local_ray()
+
+
 @pytest.fixture
 def no_local_ray():
     """For tests that start Ray clusters in subprocesses: stop the shared one first. With two

@@ -86,7 +86,7 @@ EXPECTED_IDS = {f"{k:05d}-{i:06d}" for k in range(len(CLASSES)) for i in range(P
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, classnames_file, tmp_path_factory):
+def reference(ray_local_module, classnames_file, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "regft-cache"
     mp = pytest.MonkeyPatch()
     mp.setenv("REGFT_CACHE", str(cache))
