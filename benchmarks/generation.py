@@ -37,6 +37,8 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 
 import numpy as np  # noqa: E402
 
+from regft import raylocal  # noqa: E402
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADING = "## Generation"
 
@@ -194,8 +196,7 @@ def main(argv=None) -> int:
             shard_size=args.shard_size, progress=False, samples=False, use_gpu=False)
         n = args.classes * args.per_class
         ncpu = os.cpu_count()
-        ray.init(address="local", num_cpus=ncpu, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        raylocal.init("local", num_cpus=ncpu, dashboard=False, quiet=True)
         print(f"{n} images, {args.resolution} px, {args.steps} steps, batch {args.batch_size}, "
               f"shards of {args.shard_size}; {ncpu} CPUs, torch threads {torch.get_num_threads()}")
         trials: dict[str, list[dict]] = {"plain": [], "ray x1": [], "ray x2": []}

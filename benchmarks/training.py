@@ -33,6 +33,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 
+from regft import raylocal  # noqa: E402
+
 NAMES = [f"class {i}" for i in range(16)]
 
 
@@ -131,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the dashboard (state API) must be up: without it Ray Train V2's placement-group cleaner can
     # take a live run for dead and remove its workers' placement group (seen with 2 workers)
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
+    raylocal.init("local", num_cpus=2, quiet=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory(prefix="regft-bench-") as tmp:
         t0 = time.perf_counter()

@@ -298,12 +298,9 @@ class ShardWorker:
 
 def ensure_ray():
     """Connect to RAY_ADDRESS or start a local Ray, unless Ray is already initialised."""
-    import ray
+    from regft import raylocal
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
-                 configure_logging=False)
-    return ray
+    return raylocal.init(quiet=True)
 
 
 def _cluster_cpus_per_node(ray) -> list[float]:

@@ -762,10 +762,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    import ray
+    from regft import raylocal
 
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    raylocal.init(args.address)
     dataset_path = resolve_dataset(args.dataset, cfg, args.store)
     result = run(cfg, dataset_path, storage=args.storage, name=args.name,
                  max_failures=args.max_failures)

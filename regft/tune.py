@@ -246,19 +246,9 @@ def check_storage_writable(storage: str) -> list[str]:
 
 
 def init_ray(address: str | None):
-    import ray
+    from regft import raylocal
 
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # a private local Ray; the dashboard (needed by Tune to free a stopped trial's
-        # resources) listens on 127.0.0.1 only
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
-    return ray
+    return raylocal.init(address)
 
 
 TRIAL_DRIVER_CPU = 0.01  # the Tune function that drives a trial's TorchTrainer only waits

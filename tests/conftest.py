@@ -23,16 +23,11 @@ def _start_local_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            # Tune frees a stopped trial's resources through the state API (dashboard); without
-            # it, ASHA-stopped trials leak their CPUs. It listens on 127.0.0.1 only.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        from regft import raylocal
+
+        # dashboard on 127.0.0.1 (Tune frees stopped trials' CPUs through it); workers pinned
+        # to this cluster, so another Ray on the machine cannot confuse Train's cleaner
+        raylocal.init("local", num_cpus=2, quiet=True)
     return ray
 
 
