@@ -271,16 +271,36 @@ def alpha_sweep(
     return curve
 
 
-def select_alpha(curve: Sequence[tuple[float, float]]) -> float:
-    """The alpha with the highest value; ties go to the smallest alpha (closest to zero-shot).
-    NaN values (an empty split) are never selected unless all are NaN."""
+ALPHA_RULES = ("1se", "argmax")
+
+
+def select_alpha(curve: Sequence[tuple[float, float]], rule: str = "argmax",
+                 n_val: int | None = None) -> float:
+    """Pick alpha from (alpha, selection accuracy) pairs.
+
+    argmax: the highest accuracy; ties go to the smallest alpha (closest to zero-shot).
+    1se: the smallest alpha whose accuracy is within one binomial standard error of the best,
+    sqrt(p(1-p)/n_val) on the n_val selection images (Breiman's one-standard-error rule). Why:
+    a *generated* validation split rewards the generated style, so its accuracy keeps creeping
+    up towards alpha 1 by margins of an image or two that say nothing about real images; among
+    the alphas it cannot tell apart, the rule takes the one closest to zero-shot. No free
+    parameter (docs/shapes-testbed.md measures both rules).
+    NaN values (an empty split) are never selected unless all are NaN.
+    """
     if not curve:
         raise ValueError("empty alpha curve")
+    if rule not in ALPHA_RULES:
+        raise ValueError(f"alpha rule {rule!r} is not one of {', '.join(ALPHA_RULES)}")
     valid = [(a, v) for a, v in curve if not math.isnan(v)]
     if not valid:
         return float(curve[-1][0])
     best = max(v for _, v in valid)
-    return float(min(a for a, v in valid if v == best))
+    tol = 0.0
+    if rule == "1se":
+        if not n_val or n_val <= 0:
+            raise ValueError("the 1se rule needs n_val, the number of selection images")
+        tol = math.sqrt(best * (1.0 - best) / n_val)
+    return float(min(a for a, v in valid if v >= best - tol))
 
 
 def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -169,6 +169,21 @@ def test_select_alpha_ties_go_to_the_smaller_alpha():
         select_alpha([])
 
 
+def test_one_se_rule_takes_the_smallest_alpha_the_split_cannot_tell_from_the_best():
+    # 100 images, best 0.90 at alpha 1: SE = sqrt(0.9 * 0.1 / 100) = 0.03
+    curve = [(0.0, 0.70), (0.5, 0.86), (0.6, 0.871), (0.8, 0.892), (1.0, 0.90)]
+    assert select_alpha(curve, "argmax") == 1.0
+    assert select_alpha(curve, "1se", n_val=100) == 0.6  # 0.871 >= 0.87; 0.86 is not
+    # a larger split has a smaller SE (0.0095 on 1,000 images): only 0.8 and 1.0 qualify
+    assert select_alpha(curve, "1se", n_val=1000) == 0.8
+    # a perfect best has SE 0: the rule falls back to ties at the best
+    assert select_alpha([(0.0, 0.9), (0.5, 1.0), (1.0, 1.0)], "1se", n_val=50) == 0.5
+    with pytest.raises(ValueError, match="n_val"):
+        select_alpha(curve, "1se")
+    with pytest.raises(ValueError, match="rule"):
+        select_alpha(curve, "median")
+
+
 def test_bf16_autocast_step_on_cpu(tiny):
     _, model0, split = tiny
     model = copy.deepcopy(model0)
