@@ -1,0 +1,110 @@
+"""Re-check a searched model: `python -m regft.evaluate MODEL [--real-test PATH]`
+
+    python -m regft.evaluate regft_runs/exports/shapes-smoke-20261123-131816
+    python -m regft.evaluate models:/regft-cars/3 --real-test ~/data/stanford_cars --json
+
+Top-1 accuracy of the exported (ensembled) model on a real test split, computed the way the
+training run computed the number it logged (same eval transform, uint8 crop then normalise, same
+batch size, fp32 on CPU), and compared with that logged number (`ens_real_test_acc` in the
+export, also the search's `best/ens_real_test_acc` in MLflow). `--real-test` defaults to the
+split the run was evaluated on. Exit 0 when the logged number is reproduced exactly (or none
+was logged for this split), 1 when it is not, 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+from regft.cli import UserError, entry_point
+
+
+def task_of(meta: dict):
+    """The Task the export was trained for (class names in label order), for label mapping."""
+    from regft.tasks import Task
+
+    t = meta.get("task") or {}
+    gen = t.get("generation_classnames") or ()
+    return Task(name=str(t.get("name") or "exported"), classnames=tuple(meta["classnames"]),
+                generation_classnames=tuple(gen) if len(gen) == len(meta["classnames"]) else (),
+                real_test=t.get("real_test"), source="export")
+
+
+def evaluate_export(model, real_test: str, batch_size: int, device: str = "cpu") -> dict:
+    """{"correct", "total", "accuracy"} of a loaded export on a real test split."""
+    import torch
+
+    from regft import engine
+    from regft.realdata import open_real_split
+
+    dataset = open_real_split(task_of(model.meta), real_test, "test", model.transform.to_uint8)
+    if dataset is None or len(dataset) == 0:
+        raise UserError(f"--real-test {real_test}: no images")
+    module = model.module.to(torch.device(device))
+    batches = engine.EvalSet(dataset, None, batch_size, cache=False).batches(
+        device, model.transform.mean, model.transform.std)
+    res = engine.evaluate(module, batches, keep_features=False)
+    return {"correct": res.correct, "total": res.total, "accuracy": res.acc}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m regft.evaluate",
+                                description="Evaluate a searched (exported) model on a real test "
+                                            "split and compare with the number logged for it.")
+    p.add_argument("model", help="export folder, MLflow run id, or models:/NAME/VERSION")
+    p.add_argument("--real-test", help="real test split (torchvision root, ImageFolder, CSV, CoOp "
+                   "json, shapes:real); default: the split the run reported")
+    p.add_argument("--batch-size", type=int, help="default: the run's eval batch size")
+    p.add_argument("--device", default="cpu", help="cpu (default; how the logged numbers are "
+                   "reproduced for CPU runs) or cuda")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for run ids / models:/")
+    return p
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    from regft.export import load_export
+    from regft.predict import resolve_model
+
+    with tempfile.TemporaryDirectory(prefix="regft-model-") as tmp:
+        folder = resolve_model(args.model, args.tracking_uri, tmp)
+        model = load_export(folder)
+    meta = model.meta
+    recorded = meta.get("evaluation") or {}
+    real_test = args.real_test or recorded.get("real_test")
+    if not real_test:
+        raise UserError(f"MODEL {args.model}: the run reported no real test split; give "
+                        "--real-test PATH")
+    batch_size = args.batch_size or int(recorded.get("eval_batch_size") or 256)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    result = evaluate_export(model, real_test, batch_size, args.device)
+    logged = meta.get("metrics", {}).get("ens_real_test_acc")
+    same_split = real_test == recorded.get("real_test")
+    out = {"model": str(args.model), "real_test": real_test, **result, "alpha": meta["alpha"],
+           "logged_accuracy": logged if same_split else None,
+           "mlflow_run_id": (meta.get("mlflow") or {}).get("run_id"),
+           "reproduced": (result["accuracy"] == logged) if same_split and logged is not None else None}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.model} (alpha {meta['alpha']:.2f}) on --real-test {real_test}: accuracy "
+              f"{result['accuracy']:.4f} ({result['correct']}/{result['total']})")
+        if out["reproduced"] is not None:
+            verdict = "reproduced exactly" if out["reproduced"] else "DIFFERS"
+            print(f"logged for this model (ens_real_test_acc, MLflow run {out['mlflow_run_id']}): "
+                  f"{logged:.4f}: {verdict}")
+        elif not same_split:
+            print(f"(the run reported on {recorded.get('real_test')!r}; nothing logged to compare with)")
+    return 1 if out["reproduced"] is False else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return entry_point(_main)(argv)
+
+
+if __name__ == "__main__":
+    from regft.evaluate import main as _pkg_main  # package import: same exception classes
+
+    raise SystemExit(_pkg_main())

@@ -1,0 +1,214 @@
+"""The export (regft.export) in MLflow: logged to a run and registered as a pyfunc model.
+
+- `log_export(tracking_uri, run_id, folder, registered_name)`: the export folder as plain run
+  artifacts (`regft_model/`, what `regft.predict RUN_ID` downloads) and as a pyfunc model
+  registered under `registered_name` (a new version each time).
+- The pyfunc model is logged *from code* (`regft/pyfunc_model.py`), not as a cloudpickled object:
+  loading it runs that file and `load_export` on its artifacts (safetensors + JSON only). The
+  loading environment needs `regft` installed.
+- `RegftPyfuncModel.predict(images)`: images as a list (or a one-column DataFrame/Series, or a
+  (N, H, W, 3) uint8 array) of file paths, encoded bytes or uint8 arrays -> a DataFrame with
+  `label` (top-1 class name), `probability` (its probability) and `probabilities` (one per class,
+  in label order: `model.metadata["classnames"]` / the export's JSON).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+ARTIFACT_PATH = "regft_model"  # the export folder under the run's artifacts
+PYFUNC_NAME = "classifier"  # the logged pyfunc model's name
+CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def images_from_input(model_input) -> list:
+    """pyfunc input -> a list of images (paths, bytes, uint8 arrays, PIL images)."""
+    if isinstance(model_input, pd.DataFrame):
+        col = "image" if "image" in model_input.columns else model_input.columns[0]
+        return list(model_input[col])
+    if isinstance(model_input, pd.Series):
+        return list(model_input)
+    if isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8:
+        return list(model_input) if model_input.ndim == 4 else [model_input]
+    if isinstance(model_input, np.ndarray):  # object array of paths/bytes
+        return list(model_input.ravel())
+    if isinstance(model_input, (str, bytes, bytearray, os.PathLike)):
+        return [model_input]
+    return list(model_input)
+
+
+def prediction_frame(pred) -> pd.DataFrame:
+    return pd.DataFrame({
+        "label": pred.labels,
+        "probability": pred.probabilities.max(axis=1).astype(np.float64) if len(pred.labels) else [],
+        "probabilities": [row.astype(np.float64).tolist() for row in pred.probabilities],
+    })
+
+
+class RegftPyfuncModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of an export folder (artifact `export`)."""
+
+    def load_context(self, context):
+        from regft.export import find_export, load_export
+
+        self.model = load_export(find_export(context.artifacts["export"]))
+
+    # The DataFrame hint is one MLflow infers no schema from (so it neither converts nor
+    # warns); lists, Series and uint8 arrays of images are accepted as well.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        batch_size = int((params or {}).get("batch_size", 64))
+        return prediction_frame(self.model.predict(images_from_input(model_input), batch_size=batch_size))
+
+
+def _requirements() -> list[str]:
+    from importlib import metadata
+
+    reqs = []
+    for dist in ("regft", "mlflow", "torch", "torchvision", "open_clip_torch", "safetensors",
+                 "pillow", "numpy", "pandas"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def log_export(tracking_uri: str, run_id: str, folder: str | Path,
+               registered_name: str | None) -> dict:
+    """Log `folder` to run `run_id` (artifacts + pyfunc model) and register it.
+
+    Returns {"artifact_uri", "model_uri", "registered_name", "version"} (version None when not
+    registered). Raises whatever MLflow raises; the caller decides whether that is fatal.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from regft.export import read_meta
+
+    meta = read_meta(folder)
+    client = MlflowClient(tracking_uri)
+    client.log_artifacts(run_id, str(folder), ARTIFACT_PATH)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        # a run that is already active elsewhere in this process is left alone
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            info = mlflow.pyfunc.log_model(
+                name=PYFUNC_NAME,
+                python_model=str(CODE_FILE),
+                artifacts={"export": str(folder)},
+                pip_requirements=_requirements(),
+                registered_model_name=registered_name,
+                metadata={"classnames": meta["classnames"], "alpha": meta["alpha"],
+                          "format": meta["format"], "weights_sha256": meta["weights_sha256"]},
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    version = getattr(info, "registered_model_version", None)
+    return {"artifact_uri": f"runs:/{run_id}/{ARTIFACT_PATH}", "model_uri": info.model_uri,
+            "registered_name": registered_name if version is not None else None,
+            "version": version}
+
+
+def download_export(model: str, tracking_uri: str, dst: str | Path) -> Path:
+    """An MLflow run id or `models:/NAME/VERSION` (or any MLflow artifact URI) -> the local export
+    folder, downloaded under `dst`. Only files are fetched; nothing is unpickled."""
+    from mlflow.artifacts import download_artifacts
+
+    from regft.export import find_export
+
+    if model.startswith(("models:/", "runs:/")) or "://" in model:
+        uri = model
+    else:
+        uri = f"runs:/{model}/{ARTIFACT_PATH}"
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a few small files: no bar
+    try:
+        local = download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
+    return find_export(local)
+
+
+# ------------------------------------------------------------- end of a search ----
+def best_checkpoint(results, trial_id: str, trial_run_root: str):
+    """The final (ensembled) checkpoint of a trial as a ray.train.Checkpoint: the one its last
+    result names, else (a resumed trial that had finished repeats its final report without one)
+    the newest checkpoint under its Train run folder whose meta says final; None if neither."""
+    import json
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    for r in results:
+        metrics = r.metrics or {}
+        if metrics.get("trial_id") == trial_id and metrics.get("checkpoint_path"):
+            return Checkpoint(metrics["checkpoint_path"])
+    fs, root = pafs.FileSystem.from_uri(trial_run_root)
+    finals = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/meta.json") as f:
+                if json.loads(f.read().decode("utf-8")).get("final"):
+                    finals.append(info.path)
+        except (OSError, ValueError):
+            continue
+    return Checkpoint(sorted(finals)[-1], fs) if finals else None
+
+
+def deliver_best(results, best, *, client, tracking_uri: str, parent_id: str, search_name: str,
+                 trial_run_root: str, export_dir: str, registered_name: str, task,
+                 dataset_path: str, evaluation: dict) -> dict:
+    """End of a search: export the best trial's ensembled model to `export_dir`, log it to the
+    parent run and register it as `registered_name`. Never raises: a failed export or
+    registration is a warning (the search's results stand; the export is kept if written).
+    Returns {"export": folder or None, "model_uri": models:/NAME/VERSION or None}."""
+    import sys
+
+    from regft.export import META_FILE, export_checkpoint, read_meta
+
+    out: dict = {"export": None, "model_uri": None}
+    trial_id = str(best.get("trial_id"))
+    try:
+        folder = Path(export_dir)
+        if (folder / META_FILE).is_file() and read_meta(folder).get("trial_id") == trial_id:
+            pass  # a resumed search that had exported already
+        else:
+            ckpt = best_checkpoint(results, trial_id, trial_run_root)
+            if ckpt is None:
+                raise FileNotFoundError(f"no final checkpoint of trial {trial_id} under {trial_run_root}")
+            with ckpt.as_directory() as d:
+                export_checkpoint(
+                    d, folder, dataset_id=Path(dataset_path.rstrip("/")).name,
+                    task={"name": task.name, "real_test": task.real_test,
+                          "generation_classnames": list(task.gen_names)},
+                    mlflow={"run_id": parent_id, "registered_name": registered_name,
+                            "experiment_id": client.get_run(parent_id).info.experiment_id},
+                    evaluation=evaluation, extra={"search": search_name, "trial_id": trial_id})
+        out["export"] = str(folder)
+        client.set_tag(parent_id, "regft.export", str(folder))
+    except Exception as e:  # the search itself succeeded: report, do not fail it
+        print(f"warning: could not export the best model of search {search_name}: "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return out
+    tags = client.get_run(parent_id).data.tags
+    if tags.get("regft.model_uri"):  # registered before this resume
+        out["model_uri"] = tags["regft.model_uri"]
+        return out
+    try:
+        info = log_export(tracking_uri, parent_id, folder, registered_name)
+        if info["version"] is not None:
+            out["model_uri"] = f"models:/{info['registered_name']}/{info['version']}"
+            client.set_tag(parent_id, "regft.model_uri", out["model_uri"])
+    except Exception as e:
+        print(f"warning: exported to {folder}, but logging/registering it in MLflow failed: "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+    return out
