@@ -52,18 +52,7 @@ def write_dataset(path: Path, n_images: int, size: int = 32, shard_size: int = 2
             x, y = rng.integers(0, size // 2, 2)
             img[y:y + size // 2, x:x + size // 2] = palette[k]
             rows.append((f"{k:04d}-{i:05d}", k, NAMES[k], NAMES[k], i, st.encode_png(img)))
-    records = []
-    for index in range(math.ceil(len(rows) / shard_size)):
-        chunk = rows[index * shard_size:(index + 1) * shard_size]
-        records.append(st.write_shard(str(path), index, st.shard_table(*map(list, zip(*chunk)))))
-    st.write_manifest(str(path), {
-        "format": st.FORMAT, "dataset_id": path.name, "complete": True,
-        "task": {"name": "bench", "classnames": NAMES, "generation_classnames": NAMES},
-        "num_images": len(rows), "class_counts": [per_class] * len(NAMES),
-        "layout": {"shard_size": shard_size, "num_shards": len(records), "num_items": len(rows)},
-        "shards": records,
-    })
-    return str(path)
+    return st.write_dataset(str(path), rows, "bench", NAMES, shard_size)
 
 
 def plain_loop(cfg, dataset_path: str) -> list[float]:

@@ -4,10 +4,30 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
+from typing import Any
 
 EXIT_USAGE = 2
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential)", re.I)
+_SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|(?:sk|hf|ghp|xox[bap])[-_][A-Za-z0-9_-]{16,})")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Hide anything that looks like a credential before it is logged, printed or tracked:
+    values under secret-looking keys, known key formats (AWS, OpenAI, HF, GitHub, Slack) and the
+    password of a URI (scheme://user:PASSWORD@host)."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v, key) for v in value)
+    if isinstance(value, str):
+        if key and _SECRET_KEY.search(key):
+            return "***"
+        value = _SECRET_VALUE.sub("***", value)
+        return re.sub(r"(://[^/:@\s]+:)[^@/\s]+@", r"\1***@", value)
+    return value
 
 
 class UserError(ValueError):
@@ -44,7 +64,7 @@ def entry_point(fn: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
         except user_error_types() as e:
             if os.environ.get("REGFT_DEBUG"):
                 logging.exception("user error")
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {redact(str(e))}", file=sys.stderr)
             return EXIT_USAGE
 
     return main

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -224,11 +225,12 @@ def generate_shard(generator, items: list[Item], batch_size: int, output_size: i
 
     `fault` (tests only): {"item_id", "mode": "raise"|"exit", "marker": path} -- the first time any
     process reaches that item (the marker file records it), raise or kill the process.
+    ({"mode": "disk_full", "shard": k, ...} faults the shard's write instead: regft.store.write_shard.)
     """
     images: list[bytes] = []
     for b in range(0, len(items), batch_size):
         batch = items[b:b + batch_size]
-        if fault and any(it.item_id == fault["item_id"] for it in batch):
+        if fault and any(it.item_id == fault.get("item_id") for it in batch):
             _maybe_fault(fault)
         arrays = generator.generate([it.prompt for it in batch], [it.seed for it in batch],
                                     [it.label for it in batch], [it.classname for it in batch])
@@ -287,7 +289,7 @@ class ShardWorker:
             items = _items_from_json(str(items_json))
             table = generate_shard(self.generator, items, self.batch_size, self.output_size,
                                    self.fault)
-            rec = st.write_shard(self.dataset_path, int(shard), table)
+            rec = st.write_shard(self.dataset_path, int(shard), table, fault=self.fault)
             out["record"].append(json.dumps(rec))
             out["runtime"].append(self.runtime)
             out["seconds"].append(time.perf_counter() - t0)
@@ -503,13 +505,38 @@ def _run_pipeline(cfg, identity, path, shards, pending, fault):
         n_images = sum(len(shards[k]) for k in pending)
         with tqdm(total=n_images, unit="img", disable=not cfg.progress,
                   desc=f"generating {len(pending)} shard(s) on {plan.num_actors} actor(s)") as bar:
-            for row in ds.iter_rows():
-                rec = json.loads(row["record"])
-                results.append((rec, str(row["runtime"]), time.perf_counter()))
-                bar.update(rec["rows"])
+            disk_full = False
+            try:
+                for row in ds.iter_rows():
+                    rec = json.loads(row["record"])
+                    results.append((rec, str(row["runtime"]), time.perf_counter()))
+                    bar.update(rec["rows"])
+            except Exception as e:
+                if not _is_disk_full(e):
+                    raise
+                disk_full = True
+        if disk_full:  # raised outside the handler and without `ds`: a live reference to the
+            # failed job keeps its actors, and with them the CPUs a re-run in this process needs
+            del ds
+            raise OSError(errno.ENOSPC, f"the store {path} ran out of space (No space left on "
+                          f"device) after {len(results)} of {len(pending)} shard(s); nothing "
+                          "partial was kept: free space and re-run the same command (only the "
+                          "missing shards are generated)")
     finally:
         ctx.enable_progress_bars = old_bars
     return results
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in a (Ray-wrapped) exception chain. Ray Data re-raises a UDF's error as
+    RayTaskError(UserCodeException) that keeps the original only as text, hence the text test."""
+    seen, text = set(), f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or text in str(e):
+            return True
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return False
 
 
 # ------------------------------------------------------------------- CLI ----

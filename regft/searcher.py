@@ -6,6 +6,10 @@ may stop a trial after any epoch; stock `OptunaSearch` would then tell Optuna th
 COMPLETE with that low-budget, pre-ensemble value, and TPE would treat it as a real observation
 of the configuration. Here such trials are PRUNED (their intermediate values stay recorded), so
 TPE's "good"/"bad" split is made of finished trials only.
+
+A trial whose loss diverged (NaN/inf: its last result has `diverged: True`, see
+regft.train.diverged_report) ends early too: it is PRUNED as well (so TPE still counts its
+region among the bad ones) and carries the Optuna user attribute `diverged=True`.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 FINAL_KEY = "final"
+DIVERGED_KEY = "diverged"
 
 
 class FinishedOnlyOptunaSearch(OptunaSearch):
@@ -23,6 +28,8 @@ class FinishedOnlyOptunaSearch(OptunaSearch):
             return None
         # stopped before its final (ensembled) result: pruned, not complete
         ot_trial = self._ot_trials[trial_id]
+        if result.get(DIVERGED_KEY):
+            ot_trial.set_user_attr(DIVERGED_KEY, True)
         self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
         self._completed_trials.add(trial_id)
         return None

@@ -19,6 +19,7 @@ only (not on the shard layout, the reader or the number of workers), so every re
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -140,8 +141,15 @@ def shard_table(item_ids: list[str], labels: list[int], classnames: list[str], p
     return pa.table([item_ids, labels, classnames, prompts, seeds, images], schema=SCHEMA)
 
 
-def write_shard(path: str, index: int, table: pa.Table) -> dict:
-    """Write shard `index` atomically (temp name, then move); return its manifest record."""
+def write_shard(path: str, index: int, table: pa.Table, fault: dict | None = None) -> dict:
+    """Write shard `index` atomically (temp name, then move); return its manifest record.
+
+    A failed write (disk full, lost connection) leaves no shard: the partial temp file is
+    deleted (best effort; ``_tmp/`` is never read either way) and the error propagates, so a
+    re-run regenerates exactly this shard. `fault` (tests only): {"mode": "disk_full",
+    "shard": k, "marker": path} -- the first write of shard k (the marker file makes it once,
+    across processes) writes half its bytes, then fails with OSError(ENOSPC) as a full disk does.
+    """
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     data = sink.getvalue().to_pybytes()
@@ -151,11 +159,35 @@ def write_shard(path: str, index: int, table: pa.Table) -> dict:
     fs.create_dir(shard_dir, recursive=True)
     # unique temp name: a retried task may race a zombie attempt of the same shard
     tmp = join(tmp_dir, f"{shard_name(index)}.{uuid.uuid4().hex}")
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, join(shard_dir, shard_name(index)))
+    try:
+        with fs.open_output_stream(tmp) as f:
+            if _disk_full_fault(fault, index):
+                f.write(data[: len(data) // 2])
+                f.flush()
+                raise OSError(errno.ENOSPC, f"No space left on device (injected) writing shard "
+                              f"{index}", tmp)
+            f.write(data)
+        fs.move(tmp, join(shard_dir, shard_name(index)))
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except Exception:  # noqa: S110 -- best effort; the original error is the one to report
+            pass
+        raise
     return {"index": index, "file": f"{SHARDS_DIR}/{shard_name(index)}", "rows": table.num_rows,
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _disk_full_fault(fault: dict | None, index: int) -> bool:
+    """True the first time (in any process) shard `index` is written under a disk_full fault."""
+    if not fault or fault.get("mode") != "disk_full" or int(fault.get("shard", -1)) != index:
+        return False
+    try:
+        fd = os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
 
 
 def list_shards(path: str) -> dict[int, str]:
@@ -406,3 +438,26 @@ def write_sample_grid(dataset_path: str, manifest: dict) -> str:
     sample_grid(dataset_path, manifest).save(buf, format="PNG")
     write_bytes_atomic(dataset_path, SAMPLES, buf.getvalue())
     return join(dataset_path, SAMPLES)
+
+
+def write_dataset(path: str, rows: list[tuple], task_name: str, classnames: list[str],
+                  shard_size: int = 256) -> str:
+    """A complete dataset from in-memory rows (item_id, label, classname, prompt, seed, png),
+    in row order: shards, then the manifest. For images that exist already (imports, the
+    synthetic sets of tests and benchmarks); generation writes shard by shard instead."""
+    records = []
+    for index in range(-(-len(rows) // shard_size)):
+        chunk = rows[index * shard_size:(index + 1) * shard_size]
+        records.append(write_shard(path, index, shard_table(*map(list, zip(*chunk)))))
+    counts = [0] * len(classnames)
+    for row in rows:
+        counts[row[1]] += 1
+    write_manifest(path, {
+        "format": FORMAT, "dataset_id": path.rstrip("/").rsplit("/", 1)[-1], "complete": True,
+        "task": {"name": task_name, "classnames": list(classnames),
+                 "generation_classnames": list(classnames)},
+        "num_images": len(rows), "class_counts": counts,
+        "layout": {"shard_size": shard_size, "num_shards": len(records), "num_items": len(rows)},
+        "shards": records,
+    })
+    return path

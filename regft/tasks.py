@@ -7,6 +7,7 @@ A user task comes from a text file of class names, one per line (`task_from_clas
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -17,6 +18,26 @@ DEFAULT_GENERATION_TEMPLATE = "a photo of a {}."
 
 class TaskError(ValueError):
     """Unknown task or invalid class names."""
+
+
+# names that become folder, file, run and experiment names: one path component, no shell
+# metacharacters, no leading '-' or '.' (class names themselves are data and may hold anything)
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def safe_slug(value: str) -> str:
+    """`value` with every run of unsafe characters replaced by '_' (a file-name-safe form)."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")[:100]
+    return slug or "task"
+
+
+def unsafe_name_problem(value: str, field: str) -> str | None:
+    """None if `value` is a safe name (SAFE_NAME), else a message naming the field and a fix."""
+    if SAFE_NAME.match(value):
+        return None
+    return (f"{field} {value!r}: names folders and runs, so it may hold only letters, digits, "
+            f"'.', '_' and '-' (starting with a letter or digit, at most 100); e.g. "
+            f"{safe_slug(value)!r}")
 
 
 @dataclass(frozen=True)
@@ -122,8 +143,8 @@ def load_task(name: str) -> Task:
         from regft.shapes import shapes_task
 
         return shapes_task()
-    path = _data_path(f"tasks/{name}.json")
-    if not path.is_file():
+    path = _data_path(f"tasks/{name}.json") if SAFE_NAME.match(name) else None
+    if path is None or not path.is_file():
         raise TaskError(
             f"unknown task {name!r}; known tasks: {', '.join(available_tasks())} "
             "(or pass --classnames FILE with one class name per line)"
@@ -185,10 +206,12 @@ def task_from_classnames_file(path: str | Path, name: str | None = None) -> Task
     while lines and not lines[-1].strip():  # allow trailing blank lines only
         lines.pop()
     problems = validate_classnames(lines, where=f"--classnames {p}")
+    if name is not None and unsafe_name_problem(name, "task name"):
+        problems.append(unsafe_name_problem(name, "task name"))
     if problems:
         raise TaskError("; ".join(problems))
     return Task(
-        name=name or p.stem,
+        name=name or safe_slug(p.stem),
         classnames=tuple(n.strip() for n in lines),
         source=f"file:{p.name}",
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any
 
 from ray.tune import Callback
 
+from regft.cli import redact  # noqa: F401 (one redaction rule for logs, errors and MLflow)
+
 TRIAL_TAG = "regft.trial_id"
 SEARCH_TAG = "regft.search"
 PARENT_TAG = "mlflow.parentRunId"
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential)", re.I)
-_SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|(?:sk|hf|ghp|xox[bap])[-_][A-Za-z0-9_-]{16,})")
 
 
 def default_tracking_uri(cwd: str | Path | None = None) -> str:
@@ -61,21 +60,6 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> list[str]:
         return [f"--tracking-uri {uri}: MLflow refuses plain-folder stores; use "
                 f"{default_tracking_uri()} (sqlite) or an http(s) tracking server"]
     return []  # databricks, postgresql, ...: let MLflow itself validate
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """Hide anything that looks like a credential before it is logged."""
-    if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v, key) for v in value)
-    if isinstance(value, str):
-        if key and _SECRET_KEY.search(key):
-            return "***"
-        value = _SECRET_VALUE.sub("***", value)
-        # credentials embedded in URIs: scheme://user:pass@host
-        return re.sub(r"(://[^/:@\s]+:)[^@/\s]+@", r"\1***@", value)
-    return value
 
 
 def flat_params(params: dict[str, Any]) -> dict[str, str]:
@@ -238,8 +222,14 @@ class MLflowTrialCallback(Callback):
             plt.close(fig)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        status = "FINISHED" if (trial.last_result or {}).get("final") else "KILLED"
+        last = trial.last_result or {}
         run_id = self.run_id_for(trial)
+        if last.get("diverged"):  # NaN/inf loss: the trial stopped itself (regft.train)
+            self.client.set_tag(run_id, "regft.outcome", "diverged")
+            self.client.set_tag(run_id, "regft.diverged", "true")
+            self.client.set_terminated(run_id, status="FAILED")
+            return
+        status = "FINISHED" if last.get("final") else "KILLED"
         self.client.set_tag(run_id, "regft.outcome", "finished" if status == "FINISHED" else "stopped early")
         self.client.set_terminated(run_id, status=status)
 

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from regft.cli import UserError, entry_point
+from regft.engine import ALPHA_RULES
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,12 @@ class TrainConfig:
     # ensemble and selection (never on the real test split)
     alpha_grid: list[float] = field(default_factory=default_alpha_grid)
     selection_metric: str = "synthetic_val"  # or real_val (needs real_val)
+    # how alpha is picked from the selection split's curve (regft.engine.select_alpha): 1se
+    # because a generated val split favours alphas near 1 by margins of an image or two
+    alpha_rule: str = "1se"
+    # after selection, sweep the other splits too (real test included: reported, never used),
+    # so the whole accuracy-vs-alpha curve of each split is logged; costs one eval per alpha
+    report_alpha_curves: bool = True
     val_fraction: float = 0.1  # generated items held out for synthetic_val (store's sha256 rule)
     real_test: str | None = None  # path (see regft.realdata); reported only
     real_val: str | None = None  # labelled real validation images, for selection_metric real_val
@@ -133,6 +141,8 @@ class TrainConfig:
             p.append("alpha_grid: empty; e.g. [0.0, 0.1, ..., 1.0]")
         elif any(not 0.0 <= float(a) <= 1.0 for a in self.alpha_grid):
             p.append(f"alpha_grid: every alpha must be in [0, 1], got {list(self.alpha_grid)}")
+        if self.alpha_rule not in ALPHA_RULES:
+            p.append(f"alpha_rule: {self.alpha_rule!r} is not one of {', '.join(ALPHA_RULES)}")
         if self.selection_metric not in SELECTION_METRICS:
             p.append(f"selection_metric: {self.selection_metric!r} is not one of "
                      f"{', '.join(SELECTION_METRICS)} (the real test split is never used to select)")
@@ -286,10 +296,26 @@ def _autocast(cfg: TrainConfig, device):
 
 def _maybe_fault(fault: dict | None, epoch: int, rank: int) -> None:
     """Testing hook: rank 0 fails once after `fault["after_epoch"]` (a marker file makes it once;
-    Ray Train then stops the whole worker group)."""
+    Ray Train then stops the whole worker group). `fault["mode"]`: "raise" (default, an
+    exception) or "exit" (the worker process dies, as on a lost node or an OOM kill). "exit"
+    first waits `exit_delay_s` (default 5): Train's controller collects reports every 2 s
+    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and a report not yet collected when its worker dies is
+    lost, so the run would resume from the checkpoint before it."""
     if fault and rank == 0 and epoch == fault["after_epoch"] and not os.path.exists(fault["marker"]):
         Path(fault["marker"]).write_text("failed once\n")
+        if fault.get("mode") == "exit":
+            time.sleep(float(fault.get("exit_delay_s", 5.0)))
+            os._exit(1)
         raise RuntimeError(f"injected fault after epoch {epoch}")
+
+
+def diverged_report(epoch: int, mean: dict, lr: float) -> dict:
+    """The report that ends a run whose epoch loss is NaN/inf: `diverged: True`, no checkpoint.
+    `select_metric` is 0.0 (a diverged model is worth nothing to the search; Tune's schedulers
+    need the key), the loss terms are reported as they were."""
+    return {"epoch": epoch, "train_loss": mean["loss"], "ce_loss": mean["ce_loss"],
+            "vc_loss": mean["vc_loss"], "grad_norm": mean["grad_norm"], "lr": lr,
+            "select_metric": 0.0, "diverged": True, "final": False}
 
 
 def train_fn_per_worker(config: dict) -> None:
@@ -303,6 +329,7 @@ def train_fn_per_worker(config: dict) -> None:
     from regft import engine
     from regft.distributed import all_reduce_sum, gather_features, gather_rows, rank_and_world
     from regft.ensemble import interpolate
+    from regft.export import architecture_or_none
     from regft.metrics import diversity_scores
     from regft.models import build_classifier, create_clip
     from regft.realdata import Audit, Sealed, open_real_split
@@ -326,6 +353,7 @@ def train_fn_per_worker(config: dict) -> None:
         _rank0_print(f"warning: the data pipeline augments with {config['train_pil']}, but "
                      f"{cfg.model}/{cfg.pretrained} preprocesses with {train_tf.pil!r}")
     image_size = bundle.image_size
+    architecture = architecture_or_none(bundle)  # recorded with the final weights (regft.export)
     del bundle  # the text tower is no longer needed
     theta_0 = engine.state_dict_cpu(classifier)
     autocast_dtype, scaler = _autocast(cfg, device)
@@ -415,6 +443,13 @@ def train_fn_per_worker(config: dict) -> None:
         if n_batches == 0:
             raise UserError(f"epoch {epoch}: no training batch (the train split has fewer than "
                             f"batch_size={cfg.batch_size} images per step); lower batch_size")
+        if not math.isfinite(mean["loss"]):
+            # diverged: every rank sees the same all-reduced mean, so all ranks stop here; no
+            # checkpoint of NaN weights is written, and a retry would only diverge again
+            _rank0_print(f"epoch {epoch}/{cfg.epochs}: training diverged (loss {mean['loss']}) at "
+                         f"lr {cfg.lr:g}; stopping this run (diverged=True)")
+            ray.train.report(diverged_report(epoch, mean, lr))
+            return
 
         syn_acc, feats = evaluate_split(module, "synthetic_val", keep_features=True)
         metrics = {
@@ -456,10 +491,12 @@ def train_fn_per_worker(config: dict) -> None:
     select = cfg.selection_metric
     alphas = [float(a) for a in cfg.alpha_grid]
     curve = engine.alpha_sweep(theta_0, theta_1, module, lambda m: evaluate_split(m, select)[0], alphas)
-    best_alpha = engine.select_alpha(curve)
+    n_select = int(all_reduce_sum([len(eval_sets[select])], device)[0])
+    best_alpha = engine.select_alpha(curve, cfg.alpha_rule, n_val=n_select)
     audit.record("selection_final", best_epoch=best["epoch"], best_alpha=best_alpha)
     _rank0_print(f"alpha curve [{select}]: " + ", ".join(f"{a:.2f}:{v:.4f}" for a, v in curve)
-                 + f" -> alpha {best_alpha:.2f} (epoch {best['epoch']}, selected on {select})")
+                 + f" -> alpha {best_alpha:.2f} (epoch {best['epoch']}, {cfg.alpha_rule} rule on "
+                 f"{select}, {n_select} images)")
 
     # ---- report-only numbers: now, and only now, the real test split may be opened ----
     if real_test is not None:
@@ -468,7 +505,14 @@ def train_fn_per_worker(config: dict) -> None:
     done = {(a, select): v for a, v in curve}
     final = {"epoch": cfg.epochs, "best_epoch": best["epoch"], "best_alpha": best_alpha,
              "alpha_curve": [[a, v] for a, v in curve], "selection_metric": select,
-             "select_metric": done[(best_alpha, select)], "final": True}
+             "alpha_rule": cfg.alpha_rule, "select_metric": done[(best_alpha, select)], "final": True}
+    if cfg.report_alpha_curves:  # alpha is already chosen: these curves are reported only
+        for split in eval_sets:
+            if split != select:
+                other = engine.alpha_sweep(theta_0, theta_1, module,
+                                           lambda m, s=split: evaluate_split(m, s)[0], alphas)
+                done.update({(a, split): v for a, v in other})
+                final[f"alpha_curve_{split}"] = [[a, v] for a, v in other]
     for prefix, alpha in (("zs", 0.0), ("ft", 1.0), ("ens", best_alpha)):
         module.load_state_dict(interpolate(theta_0, theta_1, alpha))
         for split in eval_sets:
@@ -486,7 +530,7 @@ def train_fn_per_worker(config: dict) -> None:
     _report(rank, final, ensemble,
             {"epoch": cfg.epochs, "final": True, "alpha": best_alpha, "task": task.name,
              "classnames": list(task.classnames), "model": cfg.model, "pretrained": cfg.pretrained,
-             "metrics": final}, None)
+             "architecture": architecture, "metrics": final}, None)
 
 
 def _report(rank: int, metrics: dict, state_dict: dict | None, meta: dict, train_state: dict | None):
@@ -723,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-val", help="labelled real validation split (ImageFolder, CSV or CoOp json)")
     p.add_argument("--selection-metric", default=d.selection_metric, choices=SELECTION_METRICS)
     p.add_argument("--alpha-step", type=float, default=0.1, help="alpha grid 0..1 with this step")
+    p.add_argument("--alpha-rule", default=d.alpha_rule, choices=ALPHA_RULES,
+                   help="1se: smallest alpha within one standard error of the best (default); "
+                        "argmax: the best")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -751,6 +798,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "weight_decay": args.weight_decay, "batch_size": args.batch_size, "epochs": args.epochs,
         "warmup_steps": args.warmup_steps, "vc_weight": args.vc_weight,
         "vc_cov_ratio": args.vc_cov_ratio, "precision": args.precision, "alpha_grid": grid,
+        "alpha_rule": args.alpha_rule,
         "selection_metric": args.selection_metric, "val_fraction": args.val_fraction,
         "real_test": args.real_test, "real_val": args.real_val,
         "keep_checkpoints": args.keep_checkpoints, "num_workers": args.num_workers,
@@ -761,6 +809,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.name:  # a folder under --storage
+        from regft.tasks import unsafe_name_problem
+
+        if unsafe_name_problem(args.name, "--name"):
+            raise UserError(unsafe_name_problem(args.name, "--name"))
     cfg = config_from_args(args)
     from regft import raylocal
 
@@ -768,6 +821,11 @@ def _main(argv: list[str] | None) -> int:
     dataset_path = resolve_dataset(args.dataset, cfg, args.store)
     result = run(cfg, dataset_path, storage=args.storage, name=args.name,
                  max_failures=args.max_failures)
+    if result.metrics.get("diverged"):
+        print(f"error: training diverged at epoch {result.metrics.get('epoch')} (loss "
+              f"{result.metrics.get('train_loss')}); lower --lr or raise --warmup-steps",
+              file=sys.stderr)
+        return 1
     print(final_table(result.metrics))
     print(f"checkpoint (ensemble weights, alpha={result.metrics.get('best_alpha')}): "
           f"{result.checkpoint_path}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regft.cli import UserError, entry_point
+from regft.cli import UserError, entry_point, redact
 
 SELECT = "select_metric"
 SPLITS = ("synthetic_val", "real_val", "real_test")
@@ -54,6 +54,7 @@ class SearchSettings:
     batch_size: int = 128
     warmup_steps: int = 500
     selection_metric: str = "synthetic_val"
+    alpha_rule: str = "1se"  # see regft.engine.select_alpha
     real_test: str | None = None
     real_val: str | None = None
     # generation (method.md)
@@ -76,6 +77,7 @@ class SearchSettings:
     resume: bool = False
     address: str | None = None  # Ray cluster; default RAY_ADDRESS, else a local Ray
     check_only: bool = False
+    audit_log: str | None = None  # JSON lines: when each trial opened each eval split (audits)
     resource_check: bool = True
 
     def validate(self) -> list[str]:
@@ -108,19 +110,29 @@ class SearchSettings:
                      "real_val (the real test split is never used to select)")
         if self.selection_metric == "real_val" and not self.real_val:
             p.append("--selection-metric real_val needs --real-val PATH (a labelled real validation set)")
+        if self.alpha_rule not in ("1se", "argmax"):
+            p.append(f"--alpha-rule: {self.alpha_rule!r} is not one of 1se, argmax")
         if self.guidance < 0:
             p.append(f"--guidance: must be >= 0, got {self.guidance}")
+        from regft.tasks import unsafe_name_problem
+
+        for flag, value in (("--name", self.name), ("--experiment", self.experiment)):
+            if value is not None and unsafe_name_problem(value, flag):  # they name folders
+                p.append(unsafe_name_problem(value, flag))
         return p
 
 
 def _smoke_shapes() -> dict[str, Any]:
+    """The offline testbed's recipe, measured in docs/shapes-testbed.md ("Recommended
+    `--preset smoke`"): gap 0.5 (fine-tuning hurts real accuracy, the ensemble gains most),
+    ~150 steps (1,447 train images / 128 = 12 steps x 13 epochs), 10 % warm-up."""
     from regft.shapes import shapes_model_name
 
     return {
         "model": shapes_model_name(), "pretrained": None, "generator": "shapes",
-        "gen_options": {"gap": 1.0}, "images_per_class": 100, "epochs": 2, "batch_size": 64,
+        "gen_options": {"gap": 0.5}, "images_per_class": 100, "epochs": 13, "batch_size": 128,
         "cpus_per_worker": 0.45,  # + Ray Data needs one whole free CPU on 2
-        "warmup_steps": 10, "num_samples": 4, "gen_steps": 1, "gen_batch_size": 64,
+        "warmup_steps": 15, "num_samples": 2, "gen_steps": 1, "gen_batch_size": 64,
         "real_test": "shapes:real",
     }
 
@@ -170,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=S)
     p.add_argument("--warmup-steps", type=int, default=S)
     p.add_argument("--selection-metric", default=S)
+    p.add_argument("--alpha-rule", default=S, help="1se (default) or argmax, on the selection split")
     p.add_argument("--real-test", default=S, help="real test split (only reported)")
     p.add_argument("--real-val", default=S, help="labelled real validation split (may select)")
     p.add_argument("--max-classes", type=int, default=S)
@@ -190,12 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the search --name (or the latest one of this task)")
     p.add_argument("--address", default=S, help="Ray cluster address (default RAY_ADDRESS or local)")
     p.add_argument("--check-only", action="store_true", default=S, help="validate and exit")
+    p.add_argument("--audit-log", default=S,
+                   help="append when each trial opened each eval split (JSON lines) to this file")
     p.add_argument("--no-resource-check", dest="resource_check", action="store_false", default=S,
                    help="skip the cluster-capacity check (autoscaling clusters)")
     return p
 
 
-def settings_from_argv(argv: list[str] | None) -> SearchSettings:
+def settings_from_argv(argv: list[str] | None, validate: bool = True) -> SearchSettings:
+    """Flags over preset over defaults. `validate=False` leaves the flag checks to run_search,
+    which reports them together with every other problem."""
     ns = vars(build_parser().parse_args(argv))
     gap = ns.pop("gap", None)
     task = ns.get("task")
@@ -205,7 +222,7 @@ def settings_from_argv(argv: list[str] | None) -> SearchSettings:
     if gap is not None:
         values["gen_options"] = {**values.get("gen_options", {}), "gap": gap}
     s = SearchSettings(**values)
-    problems = s.validate()
+    problems = s.validate() if validate else []
     if problems:
         raise UserError(problems)
     return s
@@ -243,6 +260,33 @@ def check_storage_writable(storage: str) -> list[str]:
     except Exception as e:  # any failure here means we cannot write results
         return [f"--storage {storage}: not writable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"]
     return []
+
+
+def _fetch(src: str, dest: Path) -> Path | None:
+    """Copy file `src` (local path or pyarrow URI) to `dest`; None if it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(_abs_storage(src))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        dest.write_bytes(f.read())
+    return dest
+
+
+def check_shared_storage(storage: str) -> list[str]:
+    """On a multi-node cluster every node writes shards and checkpoints under --storage, and the
+    driver reads them back: a local path there is a different folder on each node."""
+    import ray
+
+    if _is_uri(storage):  # s3://, gs://, ... or file:// (the user's word that it is shared)
+        return []
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return []
+    return [f"--storage {storage}: a local path, but the Ray cluster has {len(nodes)} nodes, which "
+            "cannot see each other's disks; pass shared storage, e.g. --storage s3://BUCKET/regft "
+            "(or a filesystem mounted at the same path on every node, as file:///mnt/shared/regft)"]
 
 
 def init_ray(address: str | None):
@@ -356,10 +400,12 @@ def _train_base(s: SearchSettings, task_args: dict, alpha_values: list[float]) -
         "gpus_per_worker": s.gpus_per_trial / s.workers_per_trial if s.gpus_per_trial > 0 else 0.0,
         "cpus_per_worker": s.cpus_per_worker,
         "selection_metric": s.selection_metric,
+        "alpha_rule": s.alpha_rule,
         "real_test": s.real_test,
         "real_val": s.real_val,
         "alpha_grid": list(alpha_values),
         "seed": s.seed,
+        "audit_log": str(Path(s.audit_log).resolve()) if s.audit_log else None,
     }
 
 
@@ -372,10 +418,15 @@ def _results_frame(results) -> Any:
         cfg = {f"config/{k}": v for k, v in (r.config or {}).items()}
         row = {"trial_id": m.get("trial_id"), "final": bool(m.get("final")),
                "epochs_run": m.get("epoch"), "error": str(r.error).splitlines()[0] if r.error else "",
+               "diverged": bool(m.get("diverged")),
                **cfg}
         for k, v in m.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in row:
                 row[k] = v
+            elif k in ("selection_metric", "alpha_rule") and isinstance(v, str):
+                row[k] = v
+            elif k.startswith("alpha_curve") and isinstance(v, (list, tuple)):
+                row[k] = json.dumps(v)  # [[alpha, accuracy], ...], one cell in results.csv
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -388,14 +439,34 @@ def best_finished(df):
     return done.sort_values(SELECT, ascending=False, kind="stable").iloc[0]
 
 
+def _curve_lines(best) -> list[str]:
+    """Accuracy against alpha for each split the trial swept: the selection split's curve
+    (what alpha was picked on) next to the others (reported after the pick)."""
+    select = best.get("selection_metric", "synthetic_val")
+    curves = {}
+    for key, split in (("alpha_curve", select), *((f"alpha_curve_{x}", x) for x in SPLITS)):
+        raw = best.get(key)
+        if isinstance(raw, str) and split not in curves:
+            curves[split] = json.loads(raw)
+    if not curves:
+        return []
+    alphas = [a for a, _ in next(iter(curves.values()))]
+    lines = [f"  {'alpha':<15}" + "".join(f"{a:>6.1f}" for a in alphas)]
+    for split, curve in curves.items():
+        peak_a, peak = max(curve, key=lambda p: (p[1], -p[0]))
+        note = "  <- selects" if split == select else f"  peak {peak:.3f} at {peak_a:.1f}, reported only"
+        lines.append(f"  {split:<15}" + "".join(f"{v:>6.3f}" for _, v in curve) + note)
+    return lines
+
+
 def summary_table(best, search_name: str, tracking_uri: str, parent_run_id: str) -> str:
     lines = [f"Search {search_name}: best trial {best['trial_id']}"]
     params = {k[len('config/'):]: v for k, v in best.items() if str(k).startswith("config/")}
     lines.append("  selected: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                              for k, v in params.items())
                  + f", alpha={best.get('best_alpha', float('nan')):.2f}")
-    lines.append(f"  selection split: {best.get('selection_metric', 'synthetic_val')} "
-                 "(real test is reported only, never used to select)")
+    lines.append(f"  selection split: {best.get('selection_metric', 'synthetic_val')}, alpha by the "
+                 f"{best.get('alpha_rule', '1se')} rule (real test is reported only, never used to select)")
     header = f"  {'split':<15}{'zero-shot':>11}{'fine-tuned':>12}{'ensemble':>10}"
     lines += [header, "  " + "-" * (len(header) - 2)]
     for split in SPLITS:
@@ -404,7 +475,8 @@ def summary_table(best, search_name: str, tracking_uri: str, parent_run_id: str)
             continue
         cells = [f"{v:.4f}" if isinstance(v, (int, float)) and not math.isnan(v) else "-" for v in vals]
         lines.append(f"  {split:<15}{cells[0]:>11}{cells[1]:>12}{cells[2]:>10}")
-    lines.append(f"  MLflow: parent run {parent_run_id} at {tracking_uri}")
+    lines += _curve_lines(best)
+    lines.append(f"  MLflow: parent run {parent_run_id} at {redact(tracking_uri)}")
     if tracking_uri.startswith("sqlite:///"):
         lines.append(f"  open the UI: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
     return "\n".join(lines)
@@ -425,8 +497,8 @@ def _log_parent(client, parent_id: str, s: SearchSettings, space, df, best, stud
             client.log_artifact(parent_id, str(tmp / name))
         for fname, fig in optuna_figures(study_url, study_name):
             client.log_figure(parent_id, fig, fname)
-        samples = Path(dataset_path) / "samples.png"
-        if samples.is_file():
+        samples = _fetch(_join(dataset_path, "samples.png"), tmp / "samples.png")  # local or URI
+        if samples is not None:
             client.log_artifact(parent_id, str(samples))
     if best is not None:
         for k, v in flat_params({f"best/{k[len('config/'):]}": v for k, v in best.items()
@@ -472,7 +544,8 @@ def run_search(s: SearchSettings) -> int:
     from regft.tracking import check_tracking_uri, resolve_tracking_uri
 
     # ---- 1. validate everything before any expensive work; report all problems at once
-    problems: list[str] = []
+    problems: list[str] = s.validate()  # flags; then files, services, weights below
+    bad_flags = bool(problems)
     task = None
     try:
         task = resolve_task(s.task, s.classnames, s.max_classes)
@@ -499,12 +572,22 @@ def run_search(s: SearchSettings) -> int:
     for flag, path in (("--real-test", s.real_test), ("--real-val", s.real_val)):
         if path and ":" not in path.split("/")[0] and not Path(path).exists():
             problems.append(f"{flag} {path}: no such file or folder")
+        elif path and task is not None:
+            problems += _real_split_problems(task, path, flag)
     gen_cfg = None
     if task is not None:
         try:
             gen_cfg = _generation_config(s, task)
         except UserError as e:
-            problems += e.problems
+            if not bad_flags:  # else they restate the flag problems already listed
+                problems += e.problems
+    if gen_cfg is not None:  # the generator's weights (offline: fails fast), before Ray starts
+        from regft.generate import check_request
+
+        try:
+            check_request(gen_cfg)
+        except UserError as e:  # the task and the storage were checked above
+            problems += [p for p in e.problems if p.startswith("generator")]
     if problems:
         raise UserError(problems)
 
@@ -512,10 +595,11 @@ def run_search(s: SearchSettings) -> int:
     from regft.train import cluster_capacity
 
     cap = cluster_capacity()
+    problems = check_shared_storage(s.storage)
     if s.resource_check:
-        problems = check_resources(s, cap)
-        if problems:
-            raise UserError(problems)
+        problems += check_resources(s, cap)
+    if problems:
+        raise UserError(problems)
     if s.check_only:
         print(f"ok: task {task.name} ({task.num_classes} classes), search space {space_path} "
               f"({', '.join(space.parameters)}; alpha {space.alpha.values()}), cluster "
@@ -541,7 +625,9 @@ def run_search(s: SearchSettings) -> int:
         raise UserError(f"search {name!r} already exists at {experiment_path}: pass --resume to "
                         "continue it, or a new --name")
     if _is_uri(root):
-        study_dir = Path.cwd() / ".regft" / "optuna"
+        # Optuna needs a database file; on a cluster the job's working directory is a temporary
+        # copy, so keep the study in the driver's home (the head node), where --resume finds it
+        study_dir = Path.home() / ".regft" / "optuna"
     else:
         study_dir = Path(root) / "optuna"
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -572,7 +658,7 @@ def run_search(s: SearchSettings) -> int:
 
     t0 = time.time()
     dataset_path = ensure_dataset(gen_cfg)
-    client.set_tag(parent_id, "regft.dataset", dataset_path)
+    client.set_tag(parent_id, "regft.dataset", redact(dataset_path))
     if "dataset_id" not in client.get_run(parent_id).data.params:  # a resumed search has it
         client.log_param(parent_id, "dataset_id", Path(dataset_path).name)
     print(f"dataset: {dataset_path} (ready in {time.time() - t0:.0f} s)")
@@ -616,11 +702,16 @@ def run_search(s: SearchSettings) -> int:
                                       verbose=1),
         )
     print(f"search {name}: {s.num_samples} trials, up to {n_conc} at a time, scheduler {s.scheduler}; "
-          f"MLflow experiment {experiment!r} at {tracking_uri}")
+          f"MLflow experiment {experiment!r} at {redact(tracking_uri)}")
     results = tuner.fit()
 
     # ---- 6. results, best configuration, summary
     df = _results_frame(results)
+    diverged = df[df["diverged"]] if len(df) else df
+    if len(diverged):  # NaN/inf loss: stopped by the trial itself, PRUNED in Optuna, tagged in MLflow
+        print(f"note: {len(diverged)} trial(s) diverged (NaN/inf loss) and were stopped: "
+              + ", ".join(map(str, diverged["trial_id"])))
+    client.log_metric(parent_id, "trials_diverged", float(len(diverged)))
     best = best_finished(df)
     if best is None:
         client.set_tag(parent_id, "regft.outcome", "no trial finished")
@@ -629,9 +720,41 @@ def run_search(s: SearchSettings) -> int:
         return 1
     summary = summary_table(best, name, tracking_uri, parent_id)
     _log_parent(client, parent_id, s, space, df, best, study_url, name, dataset_path, summary)
+    # ---- 7. the deliverable: the best ensembled model, exported and registered (issue 8)
+    from regft.registry import deliver_best
+    from regft.train import TrainConfig
+
+    delivered = deliver_best(
+        results, best, client=client, tracking_uri=tracking_uri, parent_id=parent_id,
+        search_name=name, trial_run_root=_join(train_root, f"{name}-{best['trial_id']}"),
+        export_dir=(str(Path.cwd() / ".regft" / "exports" / name) if _is_uri(root)
+                    else _join(root, "exports", name)),
+        registered_name=f"regft-{task.name}", task=task, dataset_path=dataset_path,
+        evaluation={"real_test": s.real_test or (task.real_test if task.real_test == "shapes:real" else None),
+                    "eval_batch_size": TrainConfig().eval_batch_size,
+                    "device": "cuda" if s.gpus_per_trial > 0 else "cpu"})
     client.set_terminated(parent_id, status="FINISHED")
     print(summary)
+    if delivered["export"]:
+        where = delivered["model_uri"] or delivered["export"]
+        print(f"  model: {delivered['export']}"
+              + (f" (registered as {where})" if delivered["model_uri"] else "")
+              + f"\n  use it: python -m regft.predict {where} IMAGE...")
     return 0
+
+
+def _real_split_problems(task, path: str, flag: str) -> list[str]:
+    """Open a real split's file list and labels (never pixels): wrong classes fail here."""
+    from regft.realdata import SHAPES_REAL, open_real_split
+
+    split = "test" if flag == "--real-test" else "val"
+    if split == "test" and path == SHAPES_REAL == task.real_test:
+        return []  # the testbed's rendered split: nothing on disk to check
+    try:
+        ds = open_real_split(task, path, split)
+    except ValueError as e:
+        return [str(e)]
+    return [f"{flag} {path}: no images"] if ds is not None and len(ds) == 0 else []
 
 
 def _task_args(s: SearchSettings, task) -> dict:
@@ -660,7 +783,7 @@ def _generation_config(s: SearchSettings, task):
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    return run_search(settings_from_argv(argv))
+    return run_search(settings_from_argv(argv, validate=False))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,18 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, read, released): an unreachable server."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def _start_local_ray():
@@ -72,3 +83,27 @@ def regft_cache(tmp_path_factory, monkeypatch):
     root.mkdir(exist_ok=True)
     monkeypatch.setenv("REGFT_CACHE", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def shapes_smoke(_ray_session, tmp_path_factory):
+    """One `python -m regft.tune shapes --preset smoke --num-samples 1` run (the README's
+    quickstart with one trial, ~3 min on 2 cores), shared by every test that reads its results.
+
+    Returns rc, stdout, storage root, tracking URI, MLflow experiment and the audit log path.
+    """
+    import contextlib
+    import io
+
+    from regft.tune import main
+
+    _start_local_ray()
+    root = tmp_path_factory.mktemp("shapes-smoke")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["shapes", "--preset", "smoke", "--num-samples", "1", "--name", "smoke-e2e",
+                   "--storage", str(root / "runs"), "--tracking-uri", uri,
+                   "--audit-log", str(root / "audit.jsonl")])
+    return {"rc": rc, "out": out.getvalue(), "storage": root / "runs", "tracking_uri": uri,
+            "experiment": "regft-shapes", "audit": root / "audit.jsonl", "search": "smoke-e2e"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -267,6 +268,35 @@ def test_actor_killed_midway_is_replaced_and_its_shard_redone(reference, classna
     # same actor shape as the reference (2 x 1 CPU): byte-identical whichever actor ran a shard
     assert _images_by_id(res.path) == reference["images"]
     assert len(st.load_manifest(res.path)["shards"]) == 4
+
+
+@pytest.mark.timeout(300)
+def test_disk_full_mid_shard_leaves_no_partial_shard_and_a_rerun_completes(
+        reference, classnames_file, regft_cache, tmp_path, monkeypatch):
+    """The store's disk fills while shard 2 is half written (the real write path raises
+    OSError(ENOSPC) after writing half the bytes): the job fails, no partial shard is ever
+    visible or read, and re-running the same request completes the exact dataset."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    cfg = _cfg(classnames_file, tmp_path / "store", num_actors=1)
+    fault = {"mode": "disk_full", "shard": 2, "marker": str(tmp_path / "fired")}
+    with pytest.raises(OSError, match="ran out of space.*re-run the same command") as info:
+        generate_dataset(cfg, fault=fault)
+    assert info.value.errno == errno.ENOSPC
+    path = st.dataset_path(str(tmp_path / "store"), reference["path"].rsplit("/", 1)[1])
+    committed = st.list_shards(path)
+    assert 2 not in committed
+    for f in committed.values():  # every visible shard is whole (readable, checksummed rows)
+        assert pq.read_table(f).num_rows == SHARD
+    tmp_dir = os.path.join(path, st.TMP_DIR)
+    assert not os.path.isdir(tmp_dir) or os.listdir(tmp_dir) == []  # the partial file was removed
+    assert st.load_manifest(path)["complete"] is False
+    with pytest.raises(st.DatasetNotReady, match="incomplete"):
+        st.read_table(path)
+
+    res = generate_dataset(cfg)
+    assert res.generated == len(EXPECTED_IDS) - SHARD * len(committed)
+    assert_same_images(_images_by_id(res.path), reference["images"])  # exact set, no duplicate
+    assert st.load_manifest(res.path)["complete"] is True
 
 
 @pytest.mark.timeout(300)

@@ -1,7 +1,7 @@
-import socket
 from types import SimpleNamespace
 
 import pytest
+from conftest import closed_port
 
 from regft.tracking import (
     PARENT_TAG,
@@ -27,17 +27,11 @@ def test_redact_hides_credentials():
     assert flat_params({"a": 1.5})["a"] == "1.5"
 
 
-def _closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_check_tracking_uri(tmp_path):
     assert check_tracking_uri(default_tracking_uri(tmp_path)) == []
-    problems = check_tracking_uri(f"http://127.0.0.1:{_closed_port()}", timeout=2)
+    problems = check_tracking_uri(f"http://127.0.0.1:{closed_port()}", timeout=2)
     assert problems and "unreachable" in problems[0]
     assert "absolute" in check_tracking_uri("sqlite:///relative.db")[0]
     assert "not writable" in check_tracking_uri(f"sqlite:///{tmp_path}/missing/dir/m.db")[0]

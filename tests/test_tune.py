@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import closed_port
 
 from regft.tune import main
 
@@ -20,12 +20,6 @@ def _db(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _runs(uri: str, experiment: str):
@@ -53,7 +47,7 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys, ray_local):
         (["cars", "--search-space", str(bad_space)], "alpha must lie in [0, 1]"),
         (["cars", "--preset", "smoke", "--workers-per-trial", "9"], "could never start"),
         (["cars", "--preset", "smoke", "--gpus-per-trial", "1"], "has no GPUs"),
-        (["cars", "--preset", "smoke", "--tracking-uri", f"http://127.0.0.1:{_closed_port()}"],
+        (["cars", "--preset", "smoke", "--tracking-uri", f"http://127.0.0.1:{closed_port()}"],
          "tracking server unreachable"),
         (["cars", "--preset", "smoke", "--epochs", "0", "--num-samples", "-1"], "--epochs: must be > 0"),
         (["cars"], "weights for ViT-B-16/openai"),  # paper default offline: weights unavailable
