@@ -8,8 +8,9 @@ the harness; this run uses seed 0.
 Training through Ray Data is not bit-reproducible (the shuffle and the augmentation draw from
 worker RNGs), so numbers move in the third decimal between runs. Margins seen on three seed-0
 runs: fine-tuned below zero-shot by 0.028-0.035, the real curve's peak above both by 0.047-0.051,
-and the 1se rule picked alpha 0.9 each time, where the generated val split had 149 of 153 right
-against 150 at alpha 1 (seed 2 picks alpha 1: docs/shapes-testbed.md).
+and the 1se rule picked alpha 0.9 on three of four, where the generated val split had 149 of 153
+right against 150 at alpha 1; the fourth picked alpha 1 (so did seed 2: docs/shapes-testbed.md).
+So the tests assert how alpha is chosen, not where it lands.
 """
 from __future__ import annotations
 
@@ -40,22 +41,37 @@ def test_fine_tuning_hurts_real_accuracy_and_the_ensemble_recovers_it(shapes_smo
     assert shapes_smoke["rc"] == 0, shapes_smoke["out"][-3000:]
     m = _final(shapes_smoke)
     zs, ft = m["zs_real_test_acc"], m["ft_real_test_acc"]
-    alpha, ens = m["best_alpha"], m["ens_real_test_acc"]
     real = m["curves"]["real_test"]
-    select = m["curves"]["select"]
-    assert len(real) == len(select) == 11
+    assert len(real) == 11
     assert real[0.0] == pytest.approx(zs) and real[1.0] == pytest.approx(ft)
     # the pretrained CLIP was really loaded (chance is 1/16) and is the shipped one
     assert zs == pytest.approx(0.806, abs=0.005)
     # 1. fine-tuning on generated images lowers real accuracy (the domain gap)
     assert ft < zs - 0.01, (zs, ft)
-    # 2. somewhere between the two models the ensemble beats both by a clear margin
+    # 2. between the two models the ensemble beats both by a clear margin (this reads the
+    #    report-only curve; it selects nothing)
     assert max(real.values()) > max(zs, ft) + 0.02, real
-    # 3. alpha was chosen on the *generated* val split, strictly inside (0, 1) ...
-    assert 0.0 < alpha < 1.0
+
+
+def test_alpha_is_chosen_by_the_1se_rule_on_the_generated_split_only(shapes_smoke):
+    """Which alpha that rule lands on is *not* asserted to be inside (0, 1): on this testbed the
+    generated split keeps rewarding the generated style up to alpha 1, and the choice between
+    0.9 and 1.0 hangs on one of 153 images (docs/shapes-testbed.md; issue 9 stays open)."""
+    from regft.engine import select_alpha
+    from regft.train import count_split
+
+    assert shapes_smoke["rc"] == 0
+    m = _final(shapes_smoke)
+    select, real, alpha = m["curves"]["select"], m["curves"]["real_test"], m["best_alpha"]
+    (dataset,) = (shapes_smoke["storage"] / "datasets").glob("*/manifest.json")
+    n_val = count_split(str(dataset.parent), "val", 0.1)
+    assert 100 < n_val < 220  # ~10 % of 1,600 generated images
+    assert alpha == select_alpha(sorted(select.items()), "1se", n_val=n_val)
     assert m["select_metric"] == pytest.approx(select[alpha])
-    # ... and that choice is better on real images than the fine-tuned model alone
-    assert ens > ft, (ens, ft)
+    # the reported ensemble is the curve's point at the chosen alpha, and never worse than the
+    # fine-tuned model on real images at these settings
+    assert m["ens_real_test_acc"] == pytest.approx(real[alpha])
+    assert m["ens_real_test_acc"] >= m["ft_real_test_acc"]
 
 
 def test_real_test_split_was_opened_only_after_alpha_was_chosen(shapes_smoke):
