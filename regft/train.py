@@ -598,22 +598,24 @@ def cluster_capacity() -> dict[str, float]:
             "node_gpus": max((float(r.get("GPU", 0)) for r in nodes), default=0.0)}
 
 
-def check_real_data(cfg: TrainConfig) -> list[str]:
-    """Open the real splits' file lists and labels (never pixels) to fail before training."""
+def real_split_problems(task, path: str | None, split: str) -> list[str]:
+    """Open one real split's file list and labels (never pixels): a missing folder, classes
+    that are not the task's, or an empty split fail here, before any work."""
     from regft.realdata import SHAPES_REAL, open_real_split
 
+    if path is None or (split == "test" and path == SHAPES_REAL == task.real_test):
+        return []  # nothing given, or the testbed's rendered split (nothing to check)
+    try:
+        ds = open_real_split(task, path, split)
+    except ValueError as e:
+        return [str(e)]
+    return [f"--real-{split} {path}: no images"] if ds is not None and len(ds) == 0 else []
+
+
+def check_real_data(cfg: TrainConfig) -> list[str]:
+    """Both real splits of a training config (see `real_split_problems`)."""
     task = resolve_train_task(cfg)
-    problems = []
-    for split, path in (("test", cfg.real_test), ("val", cfg.real_val)):
-        if path is None or (split == "test" and path == SHAPES_REAL == task.real_test):
-            continue  # nothing given, or the testbed's rendered split (nothing to check)
-        try:
-            ds = open_real_split(task, path, split)
-            if ds is not None and len(ds) == 0:
-                problems.append(f"--real-{split} {path}: no images")
-        except ValueError as e:
-            problems.append(str(e))
-    return problems
+    return real_split_problems(task, cfg.real_test, "test") + real_split_problems(task, cfg.real_val, "val")
 
 
 def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dict | None = None):

@@ -110,15 +110,18 @@ class SearchSettings:
                      "real_val (the real test split is never used to select)")
         if self.selection_metric == "real_val" and not self.real_val:
             p.append("--selection-metric real_val needs --real-val PATH (a labelled real validation set)")
-        if self.alpha_rule not in ("1se", "argmax"):
-            p.append(f"--alpha-rule: {self.alpha_rule!r} is not one of 1se, argmax")
+        from regft.engine import ALPHA_RULES
+
+        if self.alpha_rule not in ALPHA_RULES:
+            p.append(f"--alpha-rule: {self.alpha_rule!r} is not one of {', '.join(ALPHA_RULES)}")
         if self.guidance < 0:
             p.append(f"--guidance: must be >= 0, got {self.guidance}")
         from regft.tasks import unsafe_name_problem
 
         for flag, value in (("--name", self.name), ("--experiment", self.experiment)):
-            if value is not None and unsafe_name_problem(value, flag):  # they name folders
-                p.append(unsafe_name_problem(value, flag))
+            problem = unsafe_name_problem(value, flag) if value is not None else None
+            if problem:  # they name folders
+                p.append(problem)
         return p
 
 
@@ -573,7 +576,9 @@ def run_search(s: SearchSettings) -> int:
         if path and ":" not in path.split("/")[0] and not Path(path).exists():
             problems.append(f"{flag} {path}: no such file or folder")
         elif path and task is not None:
-            problems += _real_split_problems(task, path, flag)
+            from regft.train import real_split_problems
+
+            problems += real_split_problems(task, path, flag[len("--real-"):])
     gen_cfg = None
     if task is not None:
         try:
@@ -741,20 +746,6 @@ def run_search(s: SearchSettings) -> int:
               + (f" (registered as {where})" if delivered["model_uri"] else "")
               + f"\n  use it: python -m regft.predict {where} IMAGE...")
     return 0
-
-
-def _real_split_problems(task, path: str, flag: str) -> list[str]:
-    """Open a real split's file list and labels (never pixels): wrong classes fail here."""
-    from regft.realdata import SHAPES_REAL, open_real_split
-
-    split = "test" if flag == "--real-test" else "val"
-    if split == "test" and path == SHAPES_REAL == task.real_test:
-        return []  # the testbed's rendered split: nothing on disk to check
-    try:
-        ds = open_real_split(task, path, split)
-    except ValueError as e:
-        return [str(e)]
-    return [f"{flag} {path}: no images"] if ds is not None and len(ds) == 0 else []
 
 
 def _task_args(s: SearchSettings, task) -> dict:
