@@ -10,6 +10,12 @@ TPE's "good"/"bad" split is made of finished trials only.
 A trial whose loss diverged (NaN/inf: its last result has `diverged: True`, see
 regft.train.diverged_report) ends early too: it is PRUNED as well (so TPE still counts its
 region among the bad ones) and carries the Optuna user attribute `diverged=True`.
+
+A resumed search (`--resume` after the driver was killed) replays results of trials that Optuna
+had already been told about: the study lives in its own database, written when a trial ends,
+while Tune's experiment state is saved every few seconds and may still show the trial running.
+Optuna refuses to update a finished trial (`UpdateFinishedTrialError`), which stock `OptunaSearch`
+lets escape from `on_trial_result` and so kills the whole search; here such replays are ignored.
 """
 from __future__ import annotations
 
@@ -21,6 +27,13 @@ DIVERGED_KEY = "diverged"
 
 
 class FinishedOnlyOptunaSearch(OptunaSearch):
+    def on_trial_result(self, trial_id: str, result: dict):
+        try:
+            return super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:  # replayed after a resume: told already
+            self._completed_trials.add(trial_id)
+            return None
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if error or not result or result.get(FINAL_KEY):
             return super().on_trial_complete(trial_id, result, error)
@@ -30,7 +43,10 @@ class FinishedOnlyOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         if result.get(DIVERGED_KEY):
             ot_trial.set_user_attr(DIVERGED_KEY, True)
-        self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+        try:
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+        except optuna.exceptions.UpdateFinishedTrialError:  # told before the driver died
+            pass
         self._completed_trials.add(trial_id)
         return None
 
