@@ -271,7 +271,7 @@ def alpha_sweep(
     return curve
 
 
-ALPHA_RULES = ("1se", "argmax")
+ALPHA_RULES = ("knee", "1se", "argmax")
 
 
 def select_alpha(curve: Sequence[tuple[float, float]], rule: str = "argmax",
@@ -280,27 +280,50 @@ def select_alpha(curve: Sequence[tuple[float, float]], rule: str = "argmax",
 
     argmax: the highest accuracy; ties go to the smallest alpha (closest to zero-shot).
     1se: the smallest alpha whose accuracy is within one binomial standard error of the best,
-    sqrt(p(1-p)/n_val) on the n_val selection images (Breiman's one-standard-error rule). Why:
-    a *generated* validation split rewards the generated style, so its accuracy keeps creeping
-    up towards alpha 1 by margins of an image or two that say nothing about real images; among
-    the alphas it cannot tell apart, the rule takes the one closest to zero-shot. No free
-    parameter (docs/shapes-testbed.md measures both rules).
-    NaN values (an empty split) are never selected unless all are NaN.
+    sqrt(p(1-p)/n_val) on the n_val selection images (Breiman's one-standard-error rule).
+    knee: the point of diminishing returns of the curve (Kneedle, Satopaa et al. 2011): with
+    alpha and accuracy both rescaled to [0, 1] over the grid, the alpha where accuracy stands
+    furthest above the diagonal, i.e. after which each step towards the fine-tuned model buys
+    less than an even share of the total gain. Falls back to argmax when no point is above the
+    diagonal (a straight or convex curve has no knee).
+
+    Why not plain argmax: a *generated* validation split rewards the generated style, so its
+    accuracy keeps rising towards alpha 1 after the part that transfers to real images has been
+    learned (docs/shapes-testbed.md). 1se stops where the rise drops below the noise of n_val
+    images, which near 100 % accuracy is a tiny margin, so it still lands at 0.8-1.0; the knee
+    stops where the rise flattens, whatever n_val. No rule has a free parameter. NaN values (an
+    empty split) are never selected unless all are NaN.
     """
     if not curve:
         raise ValueError("empty alpha curve")
     if rule not in ALPHA_RULES:
         raise ValueError(f"alpha rule {rule!r} is not one of {', '.join(ALPHA_RULES)}")
-    valid = [(a, v) for a, v in curve if not math.isnan(v)]
+    valid = sorted((a, v) for a, v in curve if not math.isnan(v))
     if not valid:
         return float(curve[-1][0])
     best = max(v for _, v in valid)
+    if rule == "knee":
+        knee = _knee(valid)
+        if knee is not None:
+            return knee
     tol = 0.0
     if rule == "1se":
         if not n_val or n_val <= 0:
             raise ValueError("the 1se rule needs n_val, the number of selection images")
         tol = math.sqrt(best * (1.0 - best) / n_val)
     return float(min(a for a, v in valid if v >= best - tol))
+
+
+def _knee(curve: list[tuple[float, float]]) -> float | None:
+    """Kneedle on (alpha, accuracy) sorted by alpha; None when there is no knee."""
+    (a_lo, _), (a_hi, _) = curve[0], curve[-1]
+    v_lo, v_hi = min(v for _, v in curve), max(v for _, v in curve)
+    if a_hi <= a_lo or v_hi <= v_lo:
+        return None  # one point, or a flat curve
+    # distance above the diagonal of the unit square; ties go to the smallest alpha
+    lift = [((v - v_lo) / (v_hi - v_lo) - (a - a_lo) / (a_hi - a_lo), -a) for a, v in curve]
+    top, neg_a = max(lift)
+    return float(-neg_a) if top > 1e-12 else None
 
 
 def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:

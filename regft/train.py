@@ -91,9 +91,9 @@ class TrainConfig:
     # ensemble and selection (never on the real test split)
     alpha_grid: list[float] = field(default_factory=default_alpha_grid)
     selection_metric: str = "synthetic_val"  # or real_val (needs real_val)
-    # how alpha is picked from the selection split's curve (regft.engine.select_alpha): 1se
-    # because a generated val split favours alphas near 1 by margins of an image or two
-    alpha_rule: str = "1se"
+    # how alpha is picked from the selection split's curve (regft.engine.select_alpha): the
+    # knee, because a generated val split keeps rewarding alphas towards 1 (the generated style)
+    alpha_rule: str = "knee"
     # after selection, sweep the other splits too (real test included: reported, never used),
     # so the whole accuracy-vs-alpha curve of each split is logged; costs one eval per alpha
     report_alpha_curves: bool = True
@@ -181,7 +181,10 @@ def _rank0_print(msg: str) -> None:
 
 # ----------------------------------------------------------------- data pipeline ----
 class DecodeAugment:
-    """Ray Data map: PNG bytes -> uint8 (B, 3, H, W) after the PIL part of a CLIP transform."""
+    """Ray Data map: PNG bytes -> uint8 (B, 3, H, W) after the PIL part of a CLIP transform.
+
+    Each row's random augmentation is drawn from its own `aug_seed` column (see train_dataset),
+    so it depends on the row and the epoch, not on which task or batch the row landed in."""
 
     def __init__(self, pil_transform):
         self.pil_transform = pil_transform
@@ -190,12 +193,16 @@ class DecodeAugment:
         import io
 
         import numpy as np
+        import torch
         from PIL import Image
 
         from regft.engine import to_uint8
 
         images = []
-        for png in batch["image"]:
+        for png, u in zip(batch["image"], batch["aug_seed"]):
+            # torchvision's random transforms draw from torch's global generator; this is a
+            # Ray Data worker process, so re-seeding it per row disturbs nothing else
+            torch.manual_seed(int(float(u) * 2**53))
             with Image.open(io.BytesIO(png)) as img:
                 images.append(to_uint8(self.pil_transform(img.convert("RGB"))).numpy())
         return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
@@ -216,13 +223,29 @@ def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
     of `train_tf`) on data CPUs, as uint8 (B, 3, H, W) + labels."""
     from regft.store import read_ray_dataset
 
-    ds = read_ray_dataset(dataset_path, "train", cfg.val_fraction).select_columns(["image", "label"])
-    if cfg.cache_train:
-        ds = ds.materialize()  # encoded rows only: augmentation still differs every epoch
-    # a fresh permutation each epoch (the pipeline re-runs per epoch). Global, not a local
-    # buffer: the store's shards are in item_id (class-major) order.
-    ds = ds.random_shuffle()
-    return ds.map_batches(DecodeAugment(train_tf.pil), batch_format="numpy", batch_size=64)
+    from ray.data import DataContext, RandomSeedConfig
+    from ray.data.expressions import random as row_random
+
+    # A dataset keeps the DataContext it was built under, and the order-preserving execution
+    # that build_trainer also asks of Train has to be in it from the start (set later, the rows
+    # still arrived in a different order on every run); the caller's context is restored.
+    ctx = DataContext.get_current()
+    saved = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        ds = read_ray_dataset(dataset_path, "train", cfg.val_fraction).select_columns(["image", "label"])
+        if cfg.cache_train:
+            ds = ds.materialize()  # encoded rows only: augmentation still differs every epoch
+        # The pipeline re-runs once per epoch. Seeds re-drawn per execution give a fresh
+        # permutation and fresh augmentations each epoch, the same ones on every run of
+        # `cfg.seed`. Global, not a local buffer: the store's shards are in item_id
+        # (class-major) order.
+        reseeded = RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)
+        ds = ds.random_shuffle(seed=reseeded)
+        ds = ds.with_column("aug_seed", row_random(seed=cfg.seed + 1, reseed_after_execution=True))
+        return ds.map_batches(DecodeAugment(train_tf.pil), batch_format="numpy", batch_size=64)
+    finally:
+        ctx.execution_options.preserve_order = saved
 
 
 def count_split(dataset_path: str, split: str, val_fraction: float) -> int:
@@ -646,6 +669,10 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
             num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="select_metric",
             checkpoint_score_order="max")
     train_tf, _ = clip_transforms(cfg)
+    # rows reach the workers in the order the seeded shuffle made, not in task-completion order
+    # (a run of one worker is then bit-reproducible; with several, Ray decides the split live)
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
@@ -658,6 +685,7 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         datasets={"train": train_dataset(cfg, dataset_path, train_tf)},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
         run_config=run_config,
     )
 
@@ -770,8 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection-metric", default=d.selection_metric, choices=SELECTION_METRICS)
     p.add_argument("--alpha-step", type=float, default=0.1, help="alpha grid 0..1 with this step")
     p.add_argument("--alpha-rule", default=d.alpha_rule, choices=ALPHA_RULES,
-                   help="1se: smallest alpha within one standard error of the best (default); "
-                        "argmax: the best")
+                   help="knee (default): where the selection curve's rise flattens; 1se: smallest "
+                        "alpha within one standard error of the best; argmax: the best")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--seed", type=int, default=d.seed)

@@ -54,7 +54,7 @@ class SearchSettings:
     batch_size: int = 128
     warmup_steps: int = 500
     selection_metric: str = "synthetic_val"
-    alpha_rule: str = "1se"  # see regft.engine.select_alpha
+    alpha_rule: str = "knee"  # see regft.engine.select_alpha
     real_test: str | None = None
     real_val: str | None = None
     # generation (method.md)
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=S)
     p.add_argument("--warmup-steps", type=int, default=S)
     p.add_argument("--selection-metric", default=S)
-    p.add_argument("--alpha-rule", default=S, help="1se (default) or argmax, on the selection split")
+    p.add_argument("--alpha-rule", default=S, help="knee (default), 1se or argmax, on the selection split")
     p.add_argument("--real-test", default=S, help="real test split (only reported)")
     p.add_argument("--real-val", default=S, help="labelled real validation split (may select)")
     p.add_argument("--max-classes", type=int, default=S)
@@ -469,7 +469,7 @@ def summary_table(best, search_name: str, tracking_uri: str, parent_run_id: str)
                                              for k, v in params.items())
                  + f", alpha={best.get('best_alpha', float('nan')):.2f}")
     lines.append(f"  selection split: {best.get('selection_metric', 'synthetic_val')}, alpha by the "
-                 f"{best.get('alpha_rule', '1se')} rule (real test is reported only, never used to select)")
+                 f"{best.get('alpha_rule', 'knee')} rule (real test is reported only, never used to select)")
     header = f"  {'split':<15}{'zero-shot':>11}{'fine-tuned':>12}{'ensemble':>10}"
     lines += [header, "  " + "-" * (len(header) - 2)]
     for split in SPLITS:

@@ -184,6 +184,30 @@ def test_one_se_rule_takes_the_smallest_alpha_the_split_cannot_tell_from_the_bes
         select_alpha(curve, "median")
 
 
+def test_knee_rule_stops_where_the_rise_flattens():
+    # a saturating rise: rescaled, the lift above the diagonal is 0, .2, .4, .28, .12, 0 -> 0.4
+    curve = [(0.0, 0.50), (0.2, 0.70), (0.4, 0.90), (0.6, 0.94), (0.8, 0.96), (1.0, 1.00)]
+    assert select_alpha(curve, "knee") == 0.4
+    assert select_alpha(curve, "argmax") == 1.0
+    assert select_alpha(curve, "1se", n_val=153) == 1.0  # at 100 % the SE is 0: no slack at all
+    # grid order does not matter, and the rescaling makes it invariant to the grid's range
+    assert select_alpha(list(reversed(curve)), "knee") == 0.4
+    assert select_alpha([(0.5 + a / 2, v) for a, v in curve], "knee") == 0.7
+    # scale-free in accuracy: the same shape 10x flatter picks the same alpha
+    assert select_alpha([(a, 0.9 + v / 10) for a, v in curve], "knee") == 0.4
+
+
+def test_knee_rule_falls_back_to_argmax_without_a_knee():
+    straight = [(0.0, 0.5), (0.5, 0.75), (1.0, 1.0)]
+    convex = [(0.0, 0.5), (0.5, 0.55), (1.0, 1.0)]
+    assert select_alpha(straight, "knee") == 1.0
+    assert select_alpha(convex, "knee") == 1.0
+    assert select_alpha([(0.0, 0.7), (0.5, 0.7), (1.0, 0.7)], "knee") == 0.0  # flat: argmax's tie
+    assert select_alpha([(0.0, 0.9), (0.5, 0.6), (1.0, 0.3)], "knee") == 0.0  # fine-tuning hurt
+    assert select_alpha([(0.5, 0.8)], "knee") == 0.5
+    assert select_alpha([(0.0, 0.6), (0.5, float("nan")), (1.0, 0.9)], "knee") == 1.0
+
+
 def test_bf16_autocast_step_on_cpu(tiny):
     _, model0, split = tiny
     model = copy.deepcopy(model0)

@@ -2,15 +2,12 @@
 
 One trial of the README's quickstart: Ray Data generation with the procedural generator, a
 Ray Train fine-tune of the shipped tiny pretrained CLIP, the alpha sweep, MLflow logging. The
-thresholds are the ones docs/shapes-testbed.md measured to hold on every seed (0, 1, 2) with
-the harness; this run uses seed 0.
+thresholds are the issue's; docs/shapes-testbed.md has the margins measured per seed.
 
-Training through Ray Data is not bit-reproducible (the shuffle and the augmentation draw from
-worker RNGs), so numbers move in the third decimal between runs. Margins seen on three seed-0
-runs: fine-tuned below zero-shot by 0.028-0.035, the real curve's peak above both by 0.047-0.051,
-and the 1se rule picked alpha 0.9 on three of four, where the generated val split had 149 of 153
-right against 150 at alpha 1; the fourth picked alpha 1 (so did seed 2: docs/shapes-testbed.md).
-So the tests assert how alpha is chosen, not where it lands.
+Training is seeded (shuffle and augmentation per epoch), so this seed-0 run gives the same
+numbers every time on one machine: zero-shot 0.806, fine-tuned 0.784, real curve peak 0.856 at
+alpha 0.6, knee of the generated val curve at alpha 0.7 with real accuracy 0.848 there
+(2026-11-23, 2-core CPU). The assertions keep margins, not those exact values.
 """
 from __future__ import annotations
 
@@ -53,10 +50,7 @@ def test_fine_tuning_hurts_real_accuracy_and_the_ensemble_recovers_it(shapes_smo
     assert max(real.values()) > max(zs, ft) + 0.02, real
 
 
-def test_alpha_is_chosen_by_the_1se_rule_on_the_generated_split_only(shapes_smoke):
-    """Which alpha that rule lands on is *not* asserted to be inside (0, 1): on this testbed the
-    generated split keeps rewarding the generated style up to alpha 1, and the choice between
-    0.9 and 1.0 hangs on one of 153 images (docs/shapes-testbed.md; issue 9 stays open)."""
+def test_alpha_chosen_on_the_generated_split_lands_inside_and_beats_both_models(shapes_smoke):
     from regft.engine import select_alpha
     from regft.train import count_split
 
@@ -66,12 +60,14 @@ def test_alpha_is_chosen_by_the_1se_rule_on_the_generated_split_only(shapes_smok
     (dataset,) = (shapes_smoke["storage"] / "datasets").glob("*/manifest.json")
     n_val = count_split(str(dataset.parent), "val", 0.1)
     assert 100 < n_val < 220  # ~10 % of 1,600 generated images
-    assert alpha == select_alpha(sorted(select.items()), "1se", n_val=n_val)
+    # chosen by the default (knee) rule from the generated val curve alone
+    assert alpha == select_alpha(sorted(select.items()), "knee", n_val=n_val)
     assert m["select_metric"] == pytest.approx(select[alpha])
-    # the reported ensemble is the curve's point at the chosen alpha, and never worse than the
-    # fine-tuned model on real images at these settings
+    # 3. it is a real interpolation, and on real images it beats both models it mixes
+    assert 0.0 < alpha < 1.0, select
     assert m["ens_real_test_acc"] == pytest.approx(real[alpha])
-    assert m["ens_real_test_acc"] >= m["ft_real_test_acc"]
+    zs, ft = m["zs_real_test_acc"], m["ft_real_test_acc"]
+    assert m["ens_real_test_acc"] > max(zs, ft) + 0.02, (alpha, real)
 
 
 def test_real_test_split_was_opened_only_after_alpha_was_chosen(shapes_smoke):
