@@ -228,9 +228,10 @@ def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
     from ray.data import DataContext, RandomSeedConfig
     from ray.data.expressions import random as row_random
 
-    # A dataset keeps the DataContext it was built under, and the order-preserving execution
-    # that build_trainer also asks of Train has to be in it from the start (set later, the rows
-    # still arrived in a different order on every run); the caller's context is restored.
+    # A dataset keeps the DataContext it was built under, and order-preserving execution has to
+    # be in it from the start (set later, the rows still arrived in a different order on every
+    # run); Train gets the same options through train_data_config. The caller's context is
+    # restored.
     ctx = DataContext.get_current()
     saved = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
@@ -248,6 +249,17 @@ def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
         return ds.map_batches(DecodeAugment(train_tf.pil), batch_format="numpy", batch_size=64)
     finally:
         ctx.execution_options.preserve_order = saved
+
+
+def train_data_config(ds):
+    """Ray Train's DataConfig for `ds`: Train replaces a dataset's execution options with the
+    ones it is given (by default the process's current ones), so it is given the dataset's own,
+    order-preserving ones (train_dataset) and runs the dataset as it was built. What made the
+    stream reproducible in measurements was building it that way: with one worker the stream
+    was the same on every run even when Train was handed the defaults instead."""
+    import ray.train
+
+    return ray.train.DataConfig(execution_options=ds.context.execution_options)
 
 
 def count_split(dataset_path: str, split: str, val_fraction: float) -> int:
@@ -671,10 +683,7 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
             num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="select_metric",
             checkpoint_score_order="max")
     train_tf, _ = clip_transforms(cfg)
-    # rows reach the workers in the order the seeded shuffle made, not in task-completion order
-    # (a run of one worker is then bit-reproducible; with several, Ray decides the split live)
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True
+    train = train_dataset(cfg, dataset_path, train_tf)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
@@ -686,8 +695,8 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
-        datasets={"train": train_dataset(cfg, dataset_path, train_tf)},
-        dataset_config=ray.train.DataConfig(execution_options=ingest),
+        datasets={"train": train},
+        dataset_config=train_data_config(train),
         run_config=run_config,
     )
 

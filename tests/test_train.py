@@ -227,23 +227,19 @@ def test_a_failed_run_resumes_from_its_latest_checkpoint(ray_local, colours, tmp
 def test_training_stream_is_a_function_of_the_seed_and_the_epoch(ray_local, colours):
     """The rows a Train worker sees (order and augmented pixels) are fixed by `seed`, differ
     from epoch to epoch, and differ between seeds: read the way Ray Train reads it (the
-    execution options build_trainer passes, one streaming split). With one worker this makes a
+    DataConfig build_trainer passes, configured for one worker). With one worker this makes a
     run bit-reproducible: `python -m regft.tune shapes --preset smoke` run twice gave identical
     numbers (docs/shapes-testbed.md). Before seeding, two builds gave different orders."""
     import hashlib
 
-    import ray.train
-
-    from regft.train import clip_transforms, train_dataset
+    from regft.train import clip_transforms, train_data_config, train_dataset
 
     def stream(seed: int, epochs: int = 2) -> list[str]:
         cfg = TrainConfig(task="colours", classnames=colours["classnames"], model="tiny",
                           pretrained=None, seed=seed)
         ds = train_dataset(cfg, colours["dataset"], clip_transforms(cfg)[0])
-        ingest = ray.train.DataConfig.default_ingest_options()
-        ingest.preserve_order = True
-        ds.context.execution_options = ingest
-        (it,) = ds.streaming_split(1, equal=True)
+        it = train_data_config(ds).configure({"train": ds}, world_size=1, worker_handles=None,
+                                             worker_node_ids=None)[0]["train"]
         out = []
         for _ in range(epochs):
             h = hashlib.sha256()
