@@ -290,7 +290,7 @@ def select_alpha(curve: Sequence[tuple[float, float]], rule: str = "argmax",
     Why not plain argmax: a *generated* validation split rewards the generated style, so its
     accuracy keeps rising towards alpha 1 after the part that transfers to real images has been
     learned (docs/shapes-testbed.md). 1se stops where the rise drops below the noise of n_val
-    images, which near 100 % accuracy is a tiny margin, so it still lands at 0.8-1.0; the knee
+    images, which near 100 % accuracy is a tiny margin, so it still lands at 0.7-1.0; the knee
     stops where the rise flattens, whatever n_val. No rule has a free parameter. NaN values (an
     empty split) are never selected unless all are NaN.
     """
