@@ -63,3 +63,14 @@ def make_searcher(metric: str | None, mode: str | None, seed: int, storage_url: 
         metric=metric, mode=mode, sampler=sampler, storage=storage,
         study_name=study_name,
     )
+
+
+def fail_running_trials(storage_url: str, study_name: str) -> list[int]:
+    """After a search has returned nothing runs, so a study trial still RUNNING was orphaned (its
+    driver died before Tune saved it; see regft.tracking.close_orphan_runs): mark it FAIL, so
+    the study does not show it running for ever. Returns the trial numbers."""
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in running:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return [t.number for t in running]

@@ -100,6 +100,22 @@ def find_run(client, experiment_id: str, tags: dict[str, str]):
     return runs[0] if runs else None
 
 
+def close_orphan_runs(client, experiment_id: str, parent_id: str, trial_ids) -> list[str]:
+    """End the child runs of `parent_id` still RUNNING whose trial is not in `trial_ids` (the
+    trials the finished search knows). A driver killed right after a trial started can lose that
+    trial from Tune's saved state: `--resume` never restarts it (it samples a new one), so its
+    run would stay RUNNING forever. It is marked KILLED with `regft.outcome=orphaned`, not
+    deleted (whatever it logged stays). Returns their trial ids."""
+    runs = client.search_runs([experiment_id], filter_string=(
+        f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"))
+    keep = {str(t) for t in trial_ids}
+    orphans = [r for r in runs if r.data.tags.get(TRIAL_TAG) not in keep]
+    for r in orphans:
+        client.set_tag(r.info.run_id, "regft.outcome", "orphaned")
+        client.set_terminated(r.info.run_id, status="KILLED")
+    return [r.data.tags.get(TRIAL_TAG) for r in orphans]
+
+
 def alpha_curve_figure(curves: dict[str, list], selected: float | None, title: str):
     """Accuracy vs alpha, one line per split; the selected alpha marked."""
     import matplotlib

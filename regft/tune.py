@@ -717,6 +717,17 @@ def run_search(s: SearchSettings) -> int:
         print(f"note: {len(diverged)} trial(s) diverged (NaN/inf loss) and were stopped: "
               + ", ".join(map(str, diverged["trial_id"])))
     client.log_metric(parent_id, "trials_diverged", float(len(diverged)))
+    from regft.searcher import fail_running_trials
+    from regft.tracking import close_orphan_runs
+
+    # fit() has returned, so nothing still marked running is: trials started just before a
+    # driver crash and lost from Tune's saved state (a resumed search replaced them)
+    orphans = close_orphan_runs(client, exp_id, parent_id, df["trial_id"] if len(df) else [])
+    fail_running_trials(study_url, name)
+    if orphans:
+        print(f"note: {len(orphans)} trial(s) started before the driver died were not in the saved "
+              f"search state and were replaced: {', '.join(map(str, orphans))} (MLflow: KILLED, "
+              "regft.outcome=orphaned)")
     best = best_finished(df)
     if best is None:
         client.set_tag(parent_id, "regft.outcome", "no trial finished")

@@ -95,3 +95,33 @@ def test_status_reflects_early_stop(tmp_path, stopped):
     run = client.get_run(cb.run_id_for(trial))
     assert run.info.status == ("KILLED" if stopped else "FINISHED")
     assert run.data.tags["regft.outcome"] == ("stopped early" if stopped else "finished")
+
+
+def test_orphaned_trials_are_closed_not_left_running(tmp_path):
+    """After a resumed search returns, a child run (and Optuna trial) of a trial the search does
+    not know is still RUNNING: it is ended KILLED / FAIL; known and finished ones are untouched."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from regft.searcher import fail_running_trials
+    from regft.tracking import PARENT_TAG, TRIAL_TAG, close_orphan_runs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp).info.run_id
+    runs = {t: client.create_run(exp, tags={PARENT_TAG: parent, TRIAL_TAG: t}).info.run_id
+            for t in ("known", "done", "lost")}
+    client.set_terminated(runs["done"], status="FINISHED")
+    assert close_orphan_runs(client, exp, parent, ["known", "done"]) == ["lost"]
+    lost = client.get_run(runs["lost"])
+    assert lost.info.status == "KILLED" and lost.data.tags["regft.outcome"] == "orphaned"
+    assert client.get_run(runs["known"]).info.status == "RUNNING"
+    assert client.get_run(runs["done"]).info.status == "FINISHED"
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="s", storage=url)
+    study.tell(study.ask(), 1.0)
+    study.ask()
+    assert fail_running_trials(url, "s") == [1]
+    assert [t.state for t in optuna.load_study(study_name="s", storage=url).trials] == [
+        optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]

@@ -139,9 +139,14 @@ def test_resume_after_driver_killed_ends_with_exactly_n_trials(tmp_path, no_loca
                                           if "Error" in line or "error:" in line)[-4000:] + text[-3000:]
     client, parents, children = _runs(_db(tmp_path), "regft-cars-first4")
     assert len(parents) == 1
-    assert len(children) == n, [c.data.tags.get("regft.trial_id") for c in children]
-    assert len({c.data.tags["regft.trial_id"] for c in children}) == n
-    assert sum(c.info.status == "FINISHED" for c in children) == n
+    # a trial started in the second before the kill is not in Tune's saved state: the resumed
+    # search replaces it, and its run is closed as orphaned (never left RUNNING, never counted)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    orphans = [c for c in children if c.info.status != "FINISHED"]
+    assert len(finished) == n, [(c.data.tags.get("regft.trial_id"), c.info.status) for c in children]
+    assert len({c.data.tags["regft.trial_id"] for c in finished}) == n
+    assert all(c.info.status == "KILLED" and c.data.tags.get("regft.outcome") == "orphaned"
+               for c in orphans), [(c.info.status, c.data.tags.get("regft.outcome")) for c in orphans]
     import pandas as pd
 
     arts = client.download_artifacts(parents[0].info.run_id, "results.csv", str(tmp_path))
