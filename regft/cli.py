@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from regft.errors import UserError  # noqa: F401  (re-exported: the long-standing import path)
+
 EXIT_USAGE = 2
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential)", re.I)
 _SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|(?:sk|hf|ghp|xox[bap])[-_][A-Za-z0-9_-]{16,})")
@@ -28,19 +30,6 @@ def redact(value: Any, key: str = "") -> Any:
         value = _SECRET_VALUE.sub("***", value)
         return re.sub(r"(://[^/:@\s]+:)[^@/\s]+@", r"\1***@", value)
     return value
-
-
-class UserError(ValueError):
-    """Bad input from the user. `problems` holds every problem found, reported together."""
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("; ".join(self.problems))
-
-    def __str__(self) -> str:
-        if len(self.problems) == 1:
-            return self.problems[0]
-        return f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
