@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from regft.errors import ExportError
+
 FORMAT = "regft.export/1"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "regft_model.json"
@@ -41,10 +43,6 @@ REQUIRED = {  # key -> accepted JSON types
     "open_clip": (dict,), "classnames": (list,), "num_classes": (int,), "embed_dim": (int,),
     "alpha": (int, float),
 }
-
-
-class ExportError(ValueError):
-    """An export folder that cannot be written or must not be loaded."""
 
 
 # ------------------------------------------------------------------- architecture ----

@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from regft.errors import DatasetNotReady
+
 MANIFEST = "manifest.json"
 SAMPLES = "samples.png"
 SHARDS_DIR = "shards"
@@ -48,10 +50,6 @@ SCHEMA = pa.schema([
     ("image", pa.binary()),  # PNG bytes
 ])
 SPLITS = ("train", "val", "all")
-
-
-class DatasetNotReady(ValueError):
-    """The dataset path has no manifest, or its generation has not finished."""
 
 
 # ------------------------------------------------------------------ paths ----
