@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: user errors become one line on stderr and exit code 2, never a traceback."""
+"""Shared CLI plumbing: user errors become one line on stderr and exit code 2, never a traceback;
+anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from regft.errors import UserError  # noqa: F401  (re-exported: the long-standing import path)
+from regft.errors import RegftError, UserError  # noqa: F401  (UserError: re-exported, the long-standing import path)
 
 EXIT_USAGE = 2
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential)", re.I)
@@ -32,14 +33,15 @@ def redact(value: Any, key: str = "") -> Any:
     return value
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from regft.models import WeightsUnavailable
-
-    return (ValueError, WeightsUnavailable, FileNotFoundError, PermissionError)
+# What a user can cause: regft's own errors (regft.errors) and a path they named that is missing
+# or closed to them. Any other exception, a ValueError from torch included, is a bug: it keeps
+# its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (RegftError, FileNotFoundError, PermissionError)
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT (128 + 2)
 
 
 def entry_point(fn: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Wrap `main(argv) -> int` so user errors print `error: ...` and return 2."""
+    """Wrap `main(argv) -> int` so user errors (USER_ERRORS) print `error: ...` and return 2."""
 
     @functools.wraps(fn)
     def main(argv: list[str] | None = None) -> int:
@@ -49,8 +51,8 @@ def entry_point(fn: Callable[[list[str] | None], int]) -> Callable[[list[str] | 
             return e.code if isinstance(e.code, int) else EXIT_USAGE
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            return 130
-        except user_error_types() as e:
+            return EXIT_INTERRUPTED
+        except USER_ERRORS as e:
             if os.environ.get("REGFT_DEBUG"):
                 logging.exception("user error")
             print(f"error: {redact(str(e))}", file=sys.stderr)

@@ -11,9 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-
-class EnsembleError(ValueError):
-    """The two state dicts cannot be interpolated."""
+from regft.errors import EnsembleError
 
 
 def check_compatible(theta_0: Mapping[str, torch.Tensor], theta_1: Mapping[str, torch.Tensor]):

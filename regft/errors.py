@@ -2,8 +2,11 @@
 
 Every error that means "your input was wrong, here is what to change" derives from `RegftError`;
 `regft.cli.entry_point` prints those as one line and exits 2. Anything else is a bug and keeps its
-traceback. The subclasses stay `ValueError`s (or `RuntimeError`s) too, so code that catches the
-builtin type around a call keeps working.
+traceback. Each class also keeps the builtin base it always had (`ValueError`, or `RuntimeError`
+for `WeightsUnavailable`), so code that catches the builtin type around a call keeps working.
+
+The modules that raise them import them from here (`regft.tasks.TaskError`,
+`regft.export.ExportError`, ... stay valid names).
 """
 from __future__ import annotations
 
@@ -23,3 +26,23 @@ class UserError(RegftError, ValueError):
         if len(self.problems) == 1:
             return self.problems[0]
         return f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+class TaskError(RegftError, ValueError):
+    """Unknown task or invalid class names (regft.tasks)."""
+
+
+class WeightsUnavailable(RegftError, RuntimeError):
+    """Pretrained weights (CLIP or a diffusion model) are neither cached nor downloadable."""
+
+
+class EnsembleError(RegftError, ValueError):
+    """The two state dicts cannot be interpolated, or an alpha is outside [0, 1] (regft.ensemble)."""
+
+
+class ExportError(RegftError, ValueError):
+    """An export folder that cannot be written or must not be loaded (regft.export)."""
+
+
+class DatasetNotReady(RegftError, ValueError):
+    """The dataset path has no manifest, or its generation has not finished (regft.store)."""

@@ -18,7 +18,6 @@ this for the Model Registry).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from regft.errors import ExportError
+from regft.images import as_pil
 
 FORMAT = "regft.export/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -342,35 +342,7 @@ class ExportedClassifier:
         return Prediction([self.classnames[i] for i in idx], idx, p.astype(np.float32))
 
 
-def as_pil(image):
-    """A path, encoded bytes, uint8 array (H, W[, C]) or PIL image -> RGB PIL image."""
-    from PIL import Image
 
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise ValueError(f"image {image}: no such file")
-        try:
-            with Image.open(image) as img:
-                return img.convert("RGB")
-        except OSError as e:  # PIL.UnidentifiedImageError, truncated files
-            raise ValueError(f"image {image}: cannot be read as an image ({e})") from e
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(image))) as img:
-                return img.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"image bytes ({len(image)} B): cannot be decoded ({e})") from e
-    if isinstance(image, np.ndarray) or torch.is_tensor(image):
-        arr = np.asarray(image)
-        channels_ok = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))
-        if arr.dtype != np.uint8 or not channels_ok:
-            raise ValueError(f"image array: expected uint8 (H, W), (H, W, 3) or (H, W, 4), got "
-                             f"{arr.dtype} {arr.shape}")
-        return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).convert("RGB")
-    raise ValueError(f"image: expected a path, bytes, a uint8 array or a PIL image, got "
-                     f"{type(image).__name__}")
 
 
 def load_export(folder: str | Path) -> ExportedClassifier:

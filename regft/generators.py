@@ -32,7 +32,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from regft.models import WeightsUnavailable, hub_reachable
+from regft.errors import UserError, WeightsUnavailable
+from regft.models import hub_reachable
 
 PAPER_GENERATOR = "stabilityai/stable-diffusion-2-1-base"  # method.md: SD 2.1-base
 DTYPES = ("auto", "fp16", "bf16", "fp32")
@@ -61,7 +62,7 @@ def resolve_torch_dtype(dtype: str, device: str):
     import torch
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: unknown value {dtype!r}; choose from {', '.join(DTYPES)}")
+        raise UserError(f"dtype: unknown value {dtype!r}; choose from {', '.join(DTYPES)}")
     if dtype == "auto":
         return torch.float16 if str(device).startswith("cuda") else torch.float32
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -89,11 +90,11 @@ def locate_diffusers_model(model: str, revision: str | None = None) -> tuple[str
     - a hub id cached locally: (snapshot folder, commit hash)
     - a hub id not cached but the hub reachable: (model id, commit hash of `revision`)
     Raises WeightsUnavailable (one line) when the model is neither on disk nor reachable, and
-    ValueError for a folder that is not a diffusers pipeline.
+    UserError for a folder that is not a diffusers pipeline.
     """
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
-            raise ValueError(
+            raise UserError(
                 f"generator {model!r}: folder has no model_index.json; pass a folder written by "
                 "DiffusionPipeline.save_pretrained, a Hugging Face model id, or 'tiny'"
             )
@@ -119,7 +120,7 @@ def locate_diffusers_model(model: str, revision: str | None = None) -> tuple[str
     try:
         sha = model_info(model, revision=revision).sha
     except Exception as e:  # unknown repo, gated model, bad revision: one line, not a traceback
-        raise ValueError(f"generator {model!r}: cannot resolve it on the hub ({type(e).__name__}: "
+        raise UserError(f"generator {model!r}: cannot resolve it on the hub ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return model, sha
 
@@ -140,7 +141,7 @@ class DiffusersGenerator:
         if dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if problems:
-            raise ValueError(f"generator {model!r}: " + "; ".join(problems))
+            raise UserError(f"generator {model!r}: " + "; ".join(problems))
         self.model = model
         self.resolution, self.steps, self.guidance = int(resolution), int(steps), float(guidance)
         self.device, self.dtype = device, dtype
@@ -231,12 +232,12 @@ def make_generator(name: str, *, resolution: int, steps: int, guidance: float,
     allowed = {"revision", "negative_prompt"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"generator {name!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        raise UserError(f"generator {name!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
     if name == "tiny":
         from regft.tiny_diffusion import TINY_SD_VERSION, materialize_tiny_pipeline
 
         if options.get("revision"):
-            raise ValueError("generator 'tiny': takes no revision (it is built from code)")
+            raise UserError("generator 'tiny': takes no revision (it is built from code)")
         folder = materialize_tiny_pipeline()
         # the folder lives in a per-machine cache; the code version identifies the weights
         return DiffusersGenerator(

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
+from regft.errors import UserError, WeightsUnavailable
+
 TINY_NAME = "regft-tiny"
 TINY_ALIASES = {"tiny", TINY_NAME}
 HUB_HOST = ("huggingface.co", 443)
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights are neither cached nor downloadable."""
 
 
 @dataclass
@@ -82,7 +80,7 @@ def _cached_checkpoint(hf_hub: str, cache_dir: str | None) -> str | None:
 def check_weights_available(model_name: str, pretrained: str | None, cache_dir: str | None = None):
     """Return (how, value): ('none', None), ('file', path), ('cached', path) or ('download', tag).
 
-    Raises ValueError for an unknown model/tag and WeightsUnavailable when the weights are
+    Raises UserError (a ValueError) for an unknown model/tag and WeightsUnavailable when the weights are
     neither on disk nor reachable. Cheap: no download is started here.
     """
     import open_clip
@@ -98,13 +96,13 @@ def check_weights_available(model_name: str, pretrained: str | None, cache_dir: 
             )
         return "none", None
     if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown model {model_name!r}; e.g. ViT-B-16, ViT-B-32, or 'tiny'")
+        raise UserError(f"unknown model {model_name!r}; e.g. ViT-B-16, ViT-B-32, or 'tiny'")
     if os.path.isfile(pretrained):
         return "file", pretrained
     cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise ValueError(f"unknown pretrained tag {pretrained!r} for {model_name}; known: {tags}")
+        raise UserError(f"unknown pretrained tag {pretrained!r} for {model_name}; known: {tags}")
     if cfg.get("hf_hub"):
         path = _cached_checkpoint(cfg["hf_hub"], cache_dir)
         if path:

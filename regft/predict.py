@@ -19,9 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from regft.cli import UserError, entry_point
+from regft.cli import entry_point
+from regft.errors import UserError
+from regft.images import IMAGE_EXTS, image_files
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -57,7 +58,7 @@ def collect_images(args: list[str]) -> tuple[list[str], bool]:
         p = Path(a)
         if p.is_dir():
             folder = True
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+            found = sorted(str(f) for f in image_files(p))  # sorted as strings, as printed
             if not found:
                 raise UserError(f"IMAGE {a}: folder has no images ({', '.join(sorted(IMAGE_EXTS))})")
             images += found

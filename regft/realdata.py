@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regft.cli import UserError
+from regft.errors import UserError
+from regft.images import IMAGE_EXTS, image_files, load_rgb
 from regft.tasks import Task
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 KINDS = ("imagefolder", "csv", "coop", "torchvision")
 SHAPES_REAL = "shapes:real"
 
@@ -103,13 +103,6 @@ def map_labels(names: list[str], task: Task, where: str) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------ datasets ----
-def _load_rgb(path: str):
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
 class FileListDataset(torch.utils.data.Dataset):
     """(transform(PIL image), label) for a list of (image path, task label)."""
 
@@ -124,7 +117,7 @@ class FileListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.items[i]
-        img = _load_rgb(path)
+        img = load_rgb(path)
         return (self.transform(img) if self.transform else img), label
 
 
@@ -148,10 +141,6 @@ class ArrayDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------- readers ----
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-
-
 def _class_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
@@ -165,7 +154,7 @@ def read_imagefolder(root: Path, task: Task, transform=None, where: str = "") ->
     mapping = map_labels([d.name for d in dirs], task, where)
     items = []
     for d in dirs:
-        items += [(str(p), mapping[d.name]) for p in _image_files(d)]
+        items += [(str(p), mapping[d.name]) for p in image_files(d)]
     if not items:
         raise UserError(f"{where}: no images ({', '.join(sorted(IMAGE_EXTS))}) under {root}")
     return FileListDataset(items, transform, name=where)
@@ -173,8 +162,11 @@ def read_imagefolder(root: Path, task: Task, transform=None, where: str = "") ->
 
 def read_csv(path: Path, task: Task, transform=None, where: str = "") -> FileListDataset:
     where = where or str(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not a UTF-8 CSV file ({e.reason} at byte {e.start})") from None
     if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
         rows = rows[1:]
     bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
@@ -208,7 +200,7 @@ def read_coop(path: Path, task: Task, split: str, transform=None, where: str = "
     where = where or str(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{where}: not a readable CoOp split file ({e})") from e
     if not isinstance(data, dict) or split not in data:
         raise UserError(f"{where}: no {split!r} list in this CoOp split file")

@@ -29,6 +29,7 @@ from importlib import resources
 
 import numpy as np
 
+from regft.errors import UserError
 from regft.tasks import Task
 
 SHAPES_VERSION = "shapes-v1"  # bump when rendering changes: it is part of the generator identity
@@ -86,10 +87,10 @@ def shapes_model_name() -> str:
 
 
 def parse_classname(classname: str) -> tuple[str, str]:
-    """'red circle' -> ('red', 'circle'); ValueError naming the valid words otherwise."""
+    """'red circle' -> ('red', 'circle'); UserError naming the valid words otherwise."""
     parts = classname.strip().lower().split()
     if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in SHAPES:
-        raise ValueError(
+        raise UserError(
             f"shapes: class name {classname!r} is not '<colour> <shape>' with colour in "
             f"{sorted(COLOURS)} and shape in {list(SHAPES)}"
         )
@@ -176,9 +177,9 @@ def render(classname: str, seed: int, gap: float = 0.0, resolution: int = 32) ->
     gap, so gap only moves the style, never the object's identity or the nuisance draws.
     """
     if not 0.0 <= gap <= 1.0:
-        raise ValueError(f"shapes: gap must be in [0, 1], got {gap}")
+        raise UserError(f"shapes: gap must be in [0, 1], got {gap}")
     if resolution < 8:
-        raise ValueError(f"shapes: resolution must be >= 8, got {resolution}")
+        raise UserError(f"shapes: resolution must be >= 8, got {resolution}")
     colour, shape = parse_classname(classname)
     rng = _rng(classname, seed)
     g = float(gap)
@@ -252,7 +253,7 @@ def render_real_test(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The task's real test split: (images uint8 N x H x W x 3, labels int64 N), class-major."""
     if n_per_class <= 0:
-        raise ValueError(f"shapes: n_per_class must be > 0, got {n_per_class}")
+        raise UserError(f"shapes: n_per_class must be > 0, got {n_per_class}")
     images, labels = [], []
     for label, name in enumerate(classnames):
         for i in range(n_per_class):
@@ -294,7 +295,7 @@ class ShapesGenerator:
         if not 0.0 <= float(gap) <= 1.0:
             problems.append(f"gap must be in [0, 1] (0 = real domain, 1 = full shift), got {gap!r}")
         if problems:
-            raise ValueError("ShapesGenerator: " + "; ".join(problems))
+            raise UserError("ShapesGenerator: " + "; ".join(problems))
         self.resolution = resolution
         self.gap = float(gap)
 

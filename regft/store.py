@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from regft.errors import DatasetNotReady
+from regft.images import decode_image, encode_png, resize  # noqa: F401 (st.* names)
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples.png"
@@ -107,29 +108,7 @@ def check_writable(store: str) -> str | None:
                 "writable folder or URI")
 
 
-# ------------------------------------------------------------------ images ---
 
-def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_image(data: bytes):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Square bicubic resize (method.md: 512 px generations saved at 224 px, bicubic)."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
 # ------------------------------------------------------------------ shards ---

@@ -12,12 +12,10 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+from regft.errors import TaskError
+
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 DEFAULT_GENERATION_TEMPLATE = "a photo of a {}."
-
-
-class TaskError(ValueError):
-    """Unknown task or invalid class names."""
 
 
 # names that become folder, file, run and experiment names: one path component, no shell
@@ -201,7 +199,10 @@ def task_from_classnames_file(path: str | Path, name: str | None = None) -> Task
     p = Path(path)
     if not p.is_file():
         raise TaskError(f"--classnames {p}: file not found")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # a ValueError the CLI would no longer take for a user error
+        raise TaskError(f"--classnames {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = text.splitlines()
     while lines and not lines[-1].strip():  # allow trailing blank lines only
         lines.pop()

@@ -1,0 +1,57 @@
+"""User errors exit 2 with one line; anything else is a bug and keeps its traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from regft import errors
+from regft.cli import EXIT_USAGE, entry_point
+from regft.ensemble import EnsembleError
+from regft.export import ExportError
+from regft.models import WeightsUnavailable
+from regft.store import DatasetNotReady
+from regft.tasks import TaskError
+
+USER_FACING = {errors.UserError: ValueError, TaskError: ValueError, EnsembleError: ValueError,
+               ExportError: ValueError, DatasetNotReady: ValueError, WeightsUnavailable: RuntimeError}
+
+
+@pytest.mark.parametrize("cls", list(USER_FACING), ids=lambda c: c.__name__)
+def test_user_facing_errors_derive_from_regft_error_and_keep_their_builtin_base(cls):
+    assert issubclass(cls, errors.RegftError) and issubclass(cls, USER_FACING[cls])
+    assert cls.__module__ == "regft.errors"  # one home, re-exported by the module that raises it
+
+
+@pytest.mark.parametrize("exc", [errors.UserError("bad --x"), TaskError("bad --x"),
+                                 WeightsUnavailable("bad --x"), FileNotFoundError("bad --x"),
+                                 PermissionError("bad --x")], ids=lambda e: type(e).__name__)
+def test_user_errors_exit_2_with_one_line(exc, capsys):
+    def fail(argv):
+        raise exc
+
+    assert entry_point(fail)([]) == EXIT_USAGE
+    assert capsys.readouterr().err == "error: bad --x\n"
+
+
+@pytest.mark.parametrize("exc", [ValueError("a bug"), RuntimeError("a bug"), KeyError("a bug")],
+                         ids=lambda e: type(e).__name__)
+def test_other_exceptions_propagate(exc):
+    def fail(argv):
+        raise exc
+
+    with pytest.raises(type(exc), match="a bug"):
+        entry_point(fail)([])
+
+
+def test_a_plain_value_error_inside_a_main_shows_its_traceback():
+    """A ValueError from a real bug (here: the weights check, as torch or numpy might raise one)
+    inside `python -m regft.models`'s main: traceback, non-zero exit, and not the user-error 2."""
+    code = ("import regft.models as m\n"
+            "def bug(*a, **k):\n"
+            "    raise ValueError('shape mismatch deep in a library')\n"
+            "m.check_weights_available = bug\n"
+            "raise SystemExit(m.main(['--model', 'tiny']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode not in (0, EXIT_USAGE), out
+    assert "Traceback" in out.stderr and "ValueError: shape mismatch deep in a library" in out.stderr
+    assert not out.stderr.startswith("error: ")
