@@ -33,7 +33,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from regft.errors import UserError, WeightsUnavailable
-from regft.models import hub_reachable
+from regft.hub import hub_reachable
 
 PAPER_GENERATOR = "stabilityai/stable-diffusion-2-1-base"  # method.md: SD 2.1-base
 DTYPES = ("auto", "fp16", "bf16", "fp32")

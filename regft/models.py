@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,10 +19,10 @@ from pathlib import Path
 import torch
 
 from regft.errors import UserError, WeightsUnavailable
+from regft.hub import cached_open_clip_checkpoint, hub_reachable
 
 TINY_NAME = "regft-tiny"
 TINY_ALIASES = {"tiny", TINY_NAME}
-HUB_HOST = ("huggingface.co", 443)
 
 
 @dataclass
@@ -44,37 +43,6 @@ def register_tiny_config() -> None:
     if TINY_NAME not in open_clip.list_models():
         cfg_dir = Path(str(resources.files("regft") / "data" / "model_configs"))
         open_clip.add_model_config(cfg_dir)
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if hub_offline():
-        return False
-    try:
-        with socket.create_connection(HUB_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _cached_checkpoint(hf_hub: str, cache_dir: str | None) -> str | None:
-    """Path of the cached weights file for an open_clip 'org/repo/[file]' hub entry, if any."""
-    from huggingface_hub import hf_hub_download
-
-    model_id, filename = os.path.split(hf_hub.rstrip("/") if hf_hub.endswith("/") else hf_hub)
-    if hf_hub.endswith("/"):
-        model_id, filename = hf_hub.rstrip("/"), ""
-    names = [filename] if filename else []
-    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    for name in names:
-        try:
-            return hf_hub_download(model_id, name, cache_dir=cache_dir, local_files_only=True)
-        except Exception:  # not cached (or hub lib refuses offline): try the next name
-            continue
-    return None
 
 
 def check_weights_available(model_name: str, pretrained: str | None, cache_dir: str | None = None):
@@ -104,7 +72,7 @@ def check_weights_available(model_name: str, pretrained: str | None, cache_dir: 
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise UserError(f"unknown pretrained tag {pretrained!r} for {model_name}; known: {tags}")
     if cfg.get("hf_hub"):
-        path = _cached_checkpoint(cfg["hf_hub"], cache_dir)
+        path = cached_open_clip_checkpoint(cfg["hf_hub"], cache_dir)
         if path:
             return "cached", path
     if not hub_reachable():

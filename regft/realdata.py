@@ -12,8 +12,8 @@ Layouts read (`open_real_split`; a `KIND:` prefix on the path forces one, otherw
 - `torchvision:ROOT` — a torchvision dataset root, for the catalog tasks whose `Task.real_test`
   names a torchvision dataset with an official test split (cars, aircraft, pets, flowers,
   food101, dtd; imagenet uses its val split).
-- no path and `Task.real_test == "shapes:real"`: the procedural testbed renders its own real test
-  split (`regft.shapes.render_real_test`).
+- no path and `Task.real_test == SHAPES_REAL` ("shapes:real"): the procedural testbed renders its
+  own real test split (`regft.shapes.render_real_test`).
 
 Labels are checked against the task: a folder, CSV or CoOp class name that is not one of the
 task's classes is an error naming it (with the closest task class names); a subset of the classes
@@ -41,12 +41,12 @@ import torch
 
 from regft.errors import UserError
 from regft.images import IMAGE_EXTS, image_files, load_rgb
-from regft.tasks import Task
+from regft.shapes import render_real_test
+from regft.tasks import SHAPES_REAL, Task
 
 log = logging.getLogger(__name__)
 
 KINDS = ("imagefolder", "csv", "coop", "torchvision")
-SHAPES_REAL = "shapes:real"
 
 # torchvision class -> constructor arguments for the split we test on (official test splits only)
 TORCHVISION_TEST = {
@@ -318,10 +318,6 @@ def open_real_split(task: Task, path: str | None, split: str, transform: Callabl
 
 
 def _shapes_real_test(transform):
-    try:
-        from regft.shapes import render_real_test
-    except ImportError as e:  # the testbed module is optional
-        raise UserError(f"task real test 'shapes:real' needs regft.shapes.render_real_test ({e})") from e
     images, labels = render_real_test()
     return ArrayDataset(images, labels, transform, name=SHAPES_REAL)
 

@@ -30,7 +30,7 @@ from importlib import resources
 import numpy as np
 
 from regft.errors import UserError
-from regft.tasks import Task
+from regft.tasks import Task, load_task
 
 SHAPES_VERSION = "shapes-v1"  # bump when rendering changes: it is part of the generator identity
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "ring", "heart")
@@ -50,9 +50,9 @@ _C = tuple(COLOURS)
 TASK_CLASSES = tuple(
     f"{_C[(i + k) % 8]} {SHAPES[i]}" for i in range(8) for k in (0, 3)
 )
+# the task's templates; regft/data/tasks/shapes.json holds them with TASK_CLASSES (a test checks)
 TEMPLATES = ("a photo of a {}.",)
 GENERATION_TEMPLATE = "a photo of a {}."
-REAL_TEST = "shapes:real"
 REAL_TEST_PER_CLASS = 100  # 1,600 real test images
 REAL_TEST_SEED = 0
 # captions of the pretraining pairs (scripts/pretrain_shapes.py); {c} colour, {s} shape
@@ -66,15 +66,9 @@ PRETRAINED_DIR = "shapes-clip"
 
 
 def shapes_task() -> Task:
-    return Task(
-        name="shapes",
-        title="Procedural shapes (16 colour-shape classes)",
-        classnames=TASK_CLASSES,
-        templates=TEMPLATES,
-        generation_template=GENERATION_TEMPLATE,
-        real_test=REAL_TEST,
-        source="procedural:shapes",
-    )
+    """The testbed's task: a catalog task like the others (regft/data/tasks/shapes.json), whose
+    real test split (`regft.tasks.SHAPES_REAL`) is rendered by `render_real_test`."""
+    return load_task("shapes")
 
 
 def shapes_pretrained_dir() -> str:

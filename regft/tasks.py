@@ -108,7 +108,12 @@ def _data_path(rel: str) -> Path:
     return Path(str(resources.files("regft") / "data" / rel))
 
 
-# torchvision dataset class able to read each task's real test split (see regft.realdata)
+# a task's `real_test` meaning "the procedural testbed renders its own real test split"
+# (regft.shapes.render_real_test; read by regft.realdata.open_real_split)
+SHAPES_REAL = "shapes:real"
+
+# torchvision dataset class able to read each catalog task's real test split (see regft.realdata);
+# a task file's own "real_test" (shapes.json) takes precedence
 REAL_TEST = {
     "cars": "torchvision:StanfordCars",
     "aircraft": "torchvision:FGVCAircraft",
@@ -125,22 +130,10 @@ REAL_TEST = {
 
 
 def available_tasks() -> list[str]:
-    names = sorted(p.stem for p in _data_path("tasks").glob("*.json"))
-    extra = []
-    try:  # procedural testbed, defined in code
-        from regft import shapes  # noqa: F401
-
-        extra = ["shapes"]
-    except ImportError:
-        pass
-    return names + extra
+    return sorted(p.stem for p in _data_path("tasks").glob("*.json"))
 
 
 def load_task(name: str) -> Task:
-    if name == "shapes":
-        from regft.shapes import shapes_task
-
-        return shapes_task()
     path = _data_path(f"tasks/{name}.json") if SAFE_NAME.match(name) else None
     if path is None or not path.is_file():
         raise TaskError(
@@ -163,7 +156,7 @@ def load_task(name: str) -> Task:
         generation_template=rec["generation_template"],
         generation_classnames=tuple(rec["generation_classnames"]),
         descriptions_file=rec.get("descriptions"),
-        real_test=REAL_TEST.get(name),
+        real_test=rec["real_test"] if "real_test" in rec else REAL_TEST.get(name),
         source=f"catalog:{name}",
     )
 

@@ -35,6 +35,21 @@ def test_task_classes_need_both_attributes():
     assert load_task("shapes") == task
 
 
+def test_task_file_equals_the_testbed_code():
+    """regft/data/tasks/shapes.json was written once from the code; the two stay equal."""
+    import json
+
+    from regft.tasks import SHAPES_REAL, available_tasks
+
+    rec = json.loads((ROOT / "regft" / "data" / "tasks" / "shapes.json").read_text(encoding="utf-8"))
+    assert tuple(rec["classnames"]) == shapes.TASK_CLASSES
+    assert tuple(rec["templates"]) == shapes.TEMPLATES
+    assert rec["generation_template"] == shapes.GENERATION_TEMPLATE
+    assert rec["generation_classnames"] == [] and "descriptions" not in rec
+    assert rec["real_test"] == SHAPES_REAL == "shapes:real"
+    assert "shapes" in available_tasks()
+
+
 def test_render_is_deterministic_and_seed_dependent():
     a = shapes.render("red circle", 7, 0.0)
     assert a.dtype == np.uint8 and a.shape == (32, 32, 3)
