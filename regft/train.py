@@ -369,7 +369,7 @@ def train_fn_per_worker(config: dict) -> None:
     from regft.export import architecture_or_none
     from regft.metrics import diversity_scores
     from regft.models import build_classifier, create_clip
-    from regft.realdata import Audit, Sealed, open_real_split
+    from regft.realdata import SHAPES_REAL, Audit, Sealed, open_real_split
     from regft.store import TorchImageDataset
 
     cfg = TrainConfig.from_dict(config["train"], where="train_loop_config.train")
@@ -407,7 +407,7 @@ def train_fn_per_worker(config: dict) -> None:
     if cfg.real_val:
         eval_sets["real_val"] = eval_set(open_real_split(task, cfg.real_val, "val", eval_tf.to_uint8))
     real_test = None
-    if cfg.real_test or task.real_test == "shapes:real":
+    if cfg.real_test or task.real_test == SHAPES_REAL:
         real_test = Sealed(
             "real_test", lambda: open_real_split(task, cfg.real_test, "test", eval_tf.to_uint8), audit)
 

@@ -543,7 +543,7 @@ def optuna_figures(study_url: str, study_name: str):
 
 def run_search(s: SearchSettings) -> int:
     from regft.search_space import default_search_space_path, load_search_space
-    from regft.tasks import resolve_task
+    from regft.tasks import SHAPES_REAL, resolve_task
     from regft.tracking import check_tracking_uri, resolve_tracking_uri
 
     # ---- 1. validate everything before any expensive work; report all problems at once
@@ -746,7 +746,7 @@ def run_search(s: SearchSettings) -> int:
         export_dir=(str(Path.cwd() / ".regft" / "exports" / name) if _is_uri(root)
                     else _join(root, "exports", name)),
         registered_name=f"regft-{task.name}", task=task, dataset_path=dataset_path,
-        evaluation={"real_test": s.real_test or (task.real_test if task.real_test == "shapes:real" else None),
+        evaluation={"real_test": s.real_test or (task.real_test if task.real_test == SHAPES_REAL else None),
                     "eval_batch_size": TrainConfig().eval_batch_size,
                     "device": "cuda" if s.gpus_per_trial > 0 else "cpu"})
     client.set_terminated(parent_id, status="FINISHED")
