@@ -23,16 +23,17 @@ import errno
 import hashlib
 import io
 import json
-import os
 import re
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from regft import faults
 from regft.errors import DatasetNotReady
 from regft.images import decode_image, encode_png, resize  # noqa: F401 (st.* names)
 
@@ -64,17 +65,32 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     path = str(path)
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.LocalFileSystem(), absolute(path)
+
+
+def absolute(path: str) -> str:
+    """A URI as given; a local path made absolute (`~` expanded), so every process agrees."""
+    path = str(path)
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts])
 
 
+def fetch_file(src: str, dest: Path) -> Path | None:
+    """Copy file `src` (local path or URI) to local `dest`; None if there is no such file."""
+    fs, path = filesystem(src)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        dest.write_bytes(f.read())
+    return dest
+
+
 def dataset_path(store: str, dataset_id: str) -> str:
     """The dataset's location: an absolute local path or a URI (as given)."""
-    store = str(store)
-    return join(store if is_uri(store) else os.path.abspath(store), dataset_id)
+    return join(absolute(store), dataset_id)
 
 
 def shard_name(index: int) -> str:
@@ -85,8 +101,9 @@ def _exists(fs: pafs.FileSystem, p: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
-def check_writable(store: str) -> str | None:
-    """None if `store` can be created and written, else a one-line problem naming the fix."""
+def check_writable(store: str, flag: str = "store (--store / REGFT_STORE)") -> str | None:
+    """None if `store` can be created and written, else a one-line problem naming `flag` and the
+    fix. Leaves nothing behind: the folders it had to create are removed again (local paths)."""
     try:
         fs, p = filesystem(store)
         # a check must not leave folders behind (e.g. when another problem stops the run):
@@ -104,7 +121,7 @@ def check_writable(store: str) -> str | None:
         return None
     except Exception as e:  # any filesystem error means the same thing to the user
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return (f"store (--store / REGFT_STORE): cannot write to {store!r} ({msg}); pass a "
+        return (f"{flag}: {store!r} is not writable (cannot write to it: {msg}); pass a "
                 "writable folder or URI")
 
 
@@ -138,7 +155,7 @@ def write_shard(path: str, index: int, table: pa.Table, fault: dict | None = Non
     tmp = join(tmp_dir, f"{shard_name(index)}.{uuid.uuid4().hex}")
     try:
         with fs.open_output_stream(tmp) as f:
-            if _disk_full_fault(fault, index):
+            if faults.disk_full(fault, index):
                 f.write(data[: len(data) // 2])
                 f.flush()
                 raise OSError(errno.ENOSPC, f"No space left on device (injected) writing shard "
@@ -153,18 +170,6 @@ def write_shard(path: str, index: int, table: pa.Table, fault: dict | None = Non
         raise
     return {"index": index, "file": f"{SHARDS_DIR}/{shard_name(index)}", "rows": table.num_rows,
             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _disk_full_fault(fault: dict | None, index: int) -> bool:
-    """True the first time (in any process) shard `index` is written under a disk_full fault."""
-    if not fault or fault.get("mode") != "disk_full" or int(fault.get("shard", -1)) != index:
-        return False
-    try:
-        fd = os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    os.close(fd)
-    return True
 
 
 def list_shards(path: str) -> dict[int, str]:
@@ -290,7 +295,7 @@ def _split_mask(item_ids: Iterable[str], split: str, val_fraction: float) -> np.
     return np.array([split_of(i, val_fraction) == split for i in item_ids], dtype=bool)
 
 
-def _filter_split(batch: pa.Table, split: str, val_fraction: float) -> pa.Table:
+def filter_split(batch: pa.Table, split: str, val_fraction: float) -> pa.Table:
     # module-level so Ray can pickle it by reference
     mask = _split_mask(batch.column("item_id").to_pylist(), split, val_fraction)
     return batch.filter(pa.array(mask))
@@ -302,34 +307,21 @@ def shard_paths(dataset_path: str, manifest: dict) -> tuple[pafs.FileSystem, lis
     return fs, [join(root, s["file"]) for s in manifest["shards"]]
 
 
-def read_ray_dataset(dataset_path: str, split: str = "train", val_fraction: float = 0.1):
-    """A Ray Dataset of a complete stored dataset's rows in `split` ('train', 'val' or 'all').
-
-    Columns as stored: item_id, label, classname, prompt, seed, image (PNG bytes; decode with
-    `decode_image`). Only the shards the manifest lists are read.
-    """
-    import ray.data
-
+def split_shards(dataset_path: str, split: str, val_fraction: float) -> tuple[pafs.FileSystem, list[str]]:
+    """The shard files to read for `split` of a complete dataset (rows still to be filtered by
+    `filter_split` unless split is 'all'). regft.train.read_ray_dataset reads them with Ray Data."""
     _check_split(split, val_fraction)
-    manifest = _complete_manifest(dataset_path)
-    fs, paths = shard_paths(dataset_path, manifest)
-    ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
-    if split == "all":
-        return ds
-    return ds.map_batches(_filter_split, batch_format="pyarrow", batch_size=None,
-                          fn_kwargs={"split": split, "val_fraction": val_fraction})
+    return shard_paths(dataset_path, _complete_manifest(dataset_path))
 
 
 def read_table(dataset_path: str, split: str = "all", val_fraction: float = 0.1,
                columns: list[str] | None = None) -> pa.Table:
     """All rows of a complete dataset in `split` as one Arrow table, in item_id order."""
-    _check_split(split, val_fraction)
-    manifest = _complete_manifest(dataset_path)
-    fs, paths = shard_paths(dataset_path, manifest)
+    fs, paths = split_shards(dataset_path, split, val_fraction)
     cols = None if columns is None else sorted(set(columns) | {"item_id"}, key=SCHEMA.names.index)
     table = pa.concat_tables([pq.read_table(p, columns=cols, filesystem=fs) for p in paths])
     if split != "all":
-        table = _filter_split(table, split, val_fraction)
+        table = filter_split(table, split, val_fraction)
     return table
 
 

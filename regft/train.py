@@ -23,9 +23,9 @@ Data path: the train split's PNG bytes are read once and kept in the object stor
 augmented by a Ray Data map (the PIL part of the model's `preprocess_train`) on CPUs the workers do
 not hold, then split evenly over the workers (`get_dataset_shard`, equal shards, incomplete
 batches dropped so every rank takes the same number of steps); normalisation runs on the worker's
-device. Ray Data therefore needs CPUs of its own: `check_resources` asks for `DATA_CPUS` beyond
-num_workers x cpus_per_worker, otherwise Train would wait forever. Validation splits are small and
-read by every rank (each evaluates every world-th item; counts are summed).
+device. Ray Data therefore needs CPUs of its own: `regft.resources.check_resources` asks for
+`DATA_CPUS` beyond num_workers x cpus_per_worker, otherwise Train would wait forever. Validation
+splits are small and read by every rank (each evaluates every world-th item; counts are summed).
 
 Checkpoints are plain state dicts (`model.pt`, torch.load(..., weights_only=True)) + `meta.json`
 (+ `train_state.pt`: optimizer/scheduler state for resuming). The best `keep_checkpoints` are kept
@@ -49,13 +49,13 @@ from typing import Any
 
 from regft.cli import UserError, entry_point
 from regft.engine import ALPHA_RULES
+from regft.resources import check_resources, cluster_capacity
 
 log = logging.getLogger(__name__)
 
 SELECTION_METRICS = ("synthetic_val", "real_val")
 SPLITS = ("synthetic_val", "real_val", "real_test")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DATA_CPUS = 1.0  # CPUs Ray Data needs free to read/decode/augment while the workers train
 EVAL_CACHE_BYTES = 4 * 2**30  # per rank: decoded eval images kept in memory up to this size
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
 
@@ -369,7 +369,7 @@ def train_fn_per_worker(config: dict) -> None:
     from regft.export import architecture_or_none
     from regft.metrics import diversity_scores
     from regft.models import build_classifier, create_clip
-    from regft.realdata import SHAPES_REAL, Audit, Sealed, open_real_split
+    from regft.realdata import Audit, Sealed, open_real_split
     from regft.store import TorchImageDataset
 
     cfg = TrainConfig.from_dict(config["train"], where="train_loop_config.train")
@@ -407,7 +407,7 @@ def train_fn_per_worker(config: dict) -> None:
     if cfg.real_val:
         eval_sets["real_val"] = eval_set(open_real_split(task, cfg.real_val, "val", eval_tf.to_uint8))
     real_test = None
-    if cfg.real_test or task.real_test == SHAPES_REAL:
+    if cfg.real_test or task.real_test == "shapes:real":
         real_test = Sealed(
             "real_test", lambda: open_real_split(task, cfg.real_test, "test", eval_tf.to_uint8), audit)
 
@@ -601,38 +601,6 @@ def check_dataset(cfg: TrainConfig, dataset_path: str) -> list[str]:
         return [f"dataset {dataset_path}: its {len(names)} classes are not the "
                 f"{task.num_classes} classes of task {task.name!r} in label order"]
     return []
-
-
-def check_resources(cfg: TrainConfig, capacity: dict[str, float]) -> list[str]:
-    """Problems that would make Ray Train wait forever for workers (or Ray Data for CPUs)."""
-    p = []
-    if cfg.use_gpu:
-        if capacity["gpus"] <= 0:
-            p.append("use_gpu: the Ray cluster has no GPUs (drop --use-gpu to train on CPU)")
-        elif cfg.num_workers * cfg.gpus_per_worker > capacity["gpus"]:
-            p.append(f"num_workers {cfg.num_workers} x {cfg.gpus_per_worker:g} GPU needs "
-                     f"{cfg.num_workers * cfg.gpus_per_worker:g} GPUs; the cluster has "
-                     f"{capacity['gpus']:g} (lower --num-workers)")
-    if cfg.cpus_per_worker > capacity["node_cpus"]:
-        p.append(f"cpus_per_worker {cfg.cpus_per_worker:g}: the largest node has "
-                 f"{capacity['node_cpus']:g} CPUs")
-    need = cfg.num_workers * cfg.cpus_per_worker + DATA_CPUS
-    if need > capacity["cpus"]:
-        p.append(f"num_workers {cfg.num_workers} x cpus_per_worker {cfg.cpus_per_worker:g} + "
-                 f"{DATA_CPUS:g} CPU for Ray Data needs {need:g} CPUs; the cluster has "
-                 f"{capacity['cpus']:g}: the run could never start (lower --num-workers or "
-                 "--cpus-per-worker, e.g. 0.5)")
-    return p
-
-
-def cluster_capacity() -> dict[str, float]:
-    import ray
-
-    total = ray.cluster_resources()
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    return {"cpus": float(total.get("CPU", 0)), "gpus": float(total.get("GPU", 0)),
-            "node_cpus": max((float(r.get("CPU", 0)) for r in nodes), default=0.0),
-            "node_gpus": max((float(r.get("GPU", 0)) for r in nodes), default=0.0)}
 
 
 def real_split_problems(task, path: str | None, split: str) -> list[str]:

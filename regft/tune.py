@@ -19,14 +19,22 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regft import store
 from regft.cli import UserError, entry_point, redact
+from regft.resources import (
+    TRIAL_DRIVER_CPU,
+    check_shared_storage,
+    check_trial_resources,
+    cluster_capacity,
+    max_concurrent_trials,
+)
+from regft.train import TrainConfig
 
 SELECT = "select_metric"
 SPLITS = ("synthetic_val", "real_val", "real_test")
@@ -237,109 +245,10 @@ def _now() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _abs_storage(storage: str) -> str:
-    return storage if _is_uri(storage) else str(Path(storage).expanduser().resolve())
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if _is_uri(base) else str(Path(base, *parts))
-
-
-def check_storage_writable(storage: str) -> list[str]:
-    """Create and delete a marker under the storage root (local path or pyarrow filesystem URI)."""
-    import pyarrow.fs as pafs
-
-    try:
-        fs, root = pafs.FileSystem.from_uri(_abs_storage(storage))
-        fs.create_dir(root, recursive=True)
-        marker = f"{root.rstrip('/')}/.regft-write-check-{os.getpid()}"
-        with fs.open_output_stream(marker) as f:
-            f.write(b"ok")
-        fs.delete_file(marker)
-    except Exception as e:  # any failure here means we cannot write results
-        return [f"--storage {storage}: not writable ({type(e).__name__}: {str(e).splitlines()[0][:200]})"]
-    return []
-
-
-def _fetch(src: str, dest: Path) -> Path | None:
-    """Copy file `src` (local path or pyarrow URI) to `dest`; None if it does not exist."""
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(_abs_storage(src))
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        dest.write_bytes(f.read())
-    return dest
-
-
-def check_shared_storage(storage: str) -> list[str]:
-    """On a multi-node cluster every node writes shards and checkpoints under --storage, and the
-    driver reads them back: a local path there is a different folder on each node."""
-    import ray
-
-    if _is_uri(storage):  # s3://, gs://, ... or file:// (the user's word that it is shared)
-        return []
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) <= 1:
-        return []
-    return [f"--storage {storage}: a local path, but the Ray cluster has {len(nodes)} nodes, which "
-            "cannot see each other's disks; pass shared storage, e.g. --storage s3://BUCKET/regft "
-            "(or a filesystem mounted at the same path on every node, as file:///mnt/shared/regft)"]
-
-
 def init_ray(address: str | None):
     from regft import raylocal
 
     return raylocal.init(address)
-
-
-TRIAL_DRIVER_CPU = 0.01  # the Tune function that drives a trial's TorchTrainer only waits
-
-
-def trial_cpus(s: SearchSettings) -> float:
-    """CPUs one trial holds: its Train workers, the CPU its Ray Data input pipeline needs free
-    (without it training waits forever), and the waiting trial driver."""
-    from regft.train import DATA_CPUS
-
-    return s.workers_per_trial * s.cpus_per_worker + DATA_CPUS + TRIAL_DRIVER_CPU
-
-
-def check_resources(s: SearchSettings, cap: dict[str, float]) -> list[str]:
-    p = []
-    gpu_per_worker = s.gpus_per_trial / s.workers_per_trial
-    if s.gpus_per_trial > 0 and cap["gpus"] == 0:
-        p.append(f"--gpus-per-trial {s.gpus_per_trial:g}: the Ray cluster has no GPUs "
-                 "(drop the flag to train on CPU, or connect to a GPU cluster with --address)")
-    elif gpu_per_worker > cap["node_gpus"] and s.gpus_per_trial > 0:
-        p.append(f"--gpus-per-trial {s.gpus_per_trial:g} over {s.workers_per_trial} worker(s) needs "
-                 f"{gpu_per_worker:g} GPU per worker, but the largest node has {cap['node_gpus']:g}")
-    if s.cpus_per_worker > cap["node_cpus"]:
-        p.append(f"--cpus-per-worker {s.cpus_per_worker:g}: the largest node has {cap['node_cpus']:g} CPUs")
-    need_cpu = trial_cpus(s)
-    if need_cpu > cap["cpus"]:
-        p.append(f"--workers-per-trial {s.workers_per_trial} x --cpus-per-worker {s.cpus_per_worker:g} "
-                 f"(+ 1 CPU for the trial's data pipeline) needs {need_cpu:g} CPUs but the cluster has "
-                 f"{cap['cpus']:g}: the trial could never start (lower --workers-per-trial or "
-                 "--cpus-per-worker)")
-    if s.gpus_per_trial > 0 and s.gpus_per_trial > cap["gpus"] > 0:
-        p.append(f"--gpus-per-trial {s.gpus_per_trial:g}: the cluster has only {cap['gpus']:g} GPUs")
-    return p
-
-
-def max_concurrent_trials(s: SearchSettings, cap: dict[str, float]) -> int:
-    by_cpu = math.floor(cap["cpus"] / trial_cpus(s))
-    limits = [by_cpu]
-    if s.gpus_per_trial > 0:
-        limits.append(math.floor(cap["gpus"] / s.gpus_per_trial))
-    n = max(1, min(limits))
-    if s.max_concurrent:
-        n = min(n, s.max_concurrent)
-    return min(n, s.num_samples)
 
 
 # ------------------------------------------------------------------------------ trial --
@@ -356,7 +265,7 @@ def trial_fn(config: dict, base: dict, dataset_path: str, train_storage: str, se
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from regft.config import from_dict
-    from regft.train import TrainConfig, build_trainer
+    from regft.train import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
     cfg = from_dict(TrainConfig, {**base, **config}, where=f"trial {trial_id}")
@@ -500,7 +409,7 @@ def _log_parent(client, parent_id: str, s: SearchSettings, space, df, best, stud
             client.log_artifact(parent_id, str(tmp / name))
         for fname, fig in optuna_figures(study_url, study_name):
             client.log_figure(parent_id, fig, fname)
-        samples = _fetch(_join(dataset_path, "samples.png"), tmp / "samples.png")  # local or URI
+        samples = store.fetch_file(store.join(dataset_path, "samples.png"), tmp / "samples.png")
         if samples is not None:
             client.log_artifact(parent_id, str(samples))
     if best is not None:
@@ -557,15 +466,13 @@ def run_search(s: SearchSettings) -> int:
     space_path = s.search_space or str(default_search_space_path(s.task or "default"))
     space = None
     try:
-        from regft.train import TrainConfig
-
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         space = load_search_space(space_path, known_fields=known)
     except UserError as e:
         problems += e.problems
     tracking_uri = resolve_tracking_uri(s.tracking_uri)
     problems += check_tracking_uri(tracking_uri)
-    problems += check_storage_writable(s.storage)
+    problems += [p for p in [store.check_writable(s.storage, flag="--storage")] if p]
     try:
         from regft.models import check_weights_available
 
@@ -597,12 +504,11 @@ def run_search(s: SearchSettings) -> int:
         raise UserError(problems)
 
     init_ray(s.address)
-    from regft.train import cluster_capacity
-
     cap = cluster_capacity()
     problems = check_shared_storage(s.storage)
     if s.resource_check:
-        problems += check_resources(s, cap)
+        problems += check_trial_resources(
+            TrainConfig(**_train_base(s, _task_args(s, task), space.alpha.values())), cap)
     if problems:
         raise UserError(problems)
     if s.check_only:
@@ -616,11 +522,11 @@ def run_search(s: SearchSettings) -> int:
               "offline, run: python -m regft.tune shapes --preset smoke")
 
     # ---- 2. storage layout under one root (local path or URI)
-    root = _abs_storage(s.storage)
-    searches_root = _join(root, "searches")
-    train_root = _join(root, "train")
+    root = store.absolute(s.storage)
+    searches_root = store.join(root, "searches")
+    train_root = store.join(root, "train")
     name = resolve_search_name(s, searches_root, task.name)
-    experiment_path = _join(searches_root, name)
+    experiment_path = store.join(searches_root, name)
     from ray import tune
 
     exists = tune.Tuner.can_restore(experiment_path)
@@ -629,7 +535,7 @@ def run_search(s: SearchSettings) -> int:
     if exists and not s.resume:
         raise UserError(f"search {name!r} already exists at {experiment_path}: pass --resume to "
                         "continue it, or a new --name")
-    if _is_uri(root):
+    if store.is_uri(root):
         # Optuna needs a database file; on a cluster the job's working directory is a temporary
         # copy, so keep the study in the driver's home (the head node), where --resume finds it
         study_dir = Path.home() / ".regft" / "optuna"
@@ -645,7 +551,7 @@ def run_search(s: SearchSettings) -> int:
 
     client = MlflowClient(tracking_uri)
     experiment = s.experiment or f"regft-{task.name}"
-    exp_id = get_or_create_experiment(client, experiment, _join(root, "mlflow-artifacts", experiment))
+    exp_id = get_or_create_experiment(client, experiment, store.join(root, "mlflow-artifacts", experiment))
     parent = find_run(client, exp_id, {SEARCH_TAG: name, "regft.role": "search"})
     if parent is None:
         parent = client.create_run(exp_id, run_name=f"search-{name}",
@@ -675,8 +581,9 @@ def run_search(s: SearchSettings) -> int:
     from regft.searcher import make_searcher
     from regft.tracking import MLflowTrialCallback
 
-    n_conc = max_concurrent_trials(s, cap)
     base = _train_base(s, _task_args(s, task), space.alpha.values())
+    n_conc = max_concurrent_trials(TrainConfig(**base), cap, s.num_samples,
+                                   s.max_concurrent)
     static = {**{k: v for k, v in base.items() if k not in ("alpha_grid",)},
               "alpha_grid": str(space.alpha.values()), "generator": s.generator,
               "dataset_id": Path(dataset_path).name, "search": name}
@@ -738,13 +645,12 @@ def run_search(s: SearchSettings) -> int:
     _log_parent(client, parent_id, s, space, df, best, study_url, name, dataset_path, summary)
     # ---- 7. the deliverable: the best ensembled model, exported and registered (issue 8)
     from regft.registry import deliver_best
-    from regft.train import TrainConfig
 
     delivered = deliver_best(
         results, best, client=client, tracking_uri=tracking_uri, parent_id=parent_id,
-        search_name=name, trial_run_root=_join(train_root, f"{name}-{best['trial_id']}"),
-        export_dir=(str(Path.cwd() / ".regft" / "exports" / name) if _is_uri(root)
-                    else _join(root, "exports", name)),
+        search_name=name, trial_run_root=store.join(train_root, f"{name}-{best['trial_id']}"),
+        export_dir=(str(Path.cwd() / ".regft" / "exports" / name) if store.is_uri(root)
+                    else store.join(root, "exports", name)),
         registered_name=f"regft-{task.name}", task=task, dataset_path=dataset_path,
         evaluation={"real_test": s.real_test or (task.real_test if task.real_test == SHAPES_REAL else None),
                     "eval_batch_size": TrainConfig().eval_batch_size,
@@ -771,7 +677,8 @@ def _generation_config(s: SearchSettings, task):
         "task": s.task, "classnames_file": s.classnames, "max_classes": s.max_classes,
         "generator": s.generator, "generator_options": dict(s.gen_options),
         "images_per_class": s.images_per_class, "steps": s.gen_steps, "guidance": s.guidance,
-        "batch_size": s.gen_batch_size, "seed": s.seed, "store": _join(_abs_storage(s.storage), "datasets"),
+        "batch_size": s.gen_batch_size, "seed": s.seed,
+        "store": store.join(store.absolute(s.storage), "datasets"),
         "use_gpu": s.gpus_per_trial > 0,
     }
     if s.gen_resolution is not None:
