@@ -16,13 +16,19 @@ import argparse
 import json
 import tempfile
 
-from regft.cli import UserError, entry_point
+import torch
+
+from regft import engine
+from regft.cli import entry_point
+from regft.errors import UserError
+from regft.export import load_export
+from regft.predict import resolve_model
+from regft.realdata import open_real_split
+from regft.tasks import Task
 
 
 def task_of(meta: dict):
     """The Task the export was trained for (class names in label order), for label mapping."""
-    from regft.tasks import Task
-
     t = meta.get("task") or {}
     gen = t.get("generation_classnames") or ()
     return Task(name=str(t.get("name") or "exported"), classnames=tuple(meta["classnames"]),
@@ -32,11 +38,6 @@ def task_of(meta: dict):
 
 def evaluate_export(model, real_test: str, batch_size: int, device: str = "cpu") -> dict:
     """{"correct", "total", "accuracy"} of a loaded export on a real test split."""
-    import torch
-
-    from regft import engine
-    from regft.realdata import open_real_split
-
     dataset = open_real_split(task_of(model.meta), real_test, "test", model.transform.to_uint8)
     if dataset is None or len(dataset) == 0:
         raise UserError(f"--real-test {real_test}: no images")
@@ -64,9 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    from regft.export import load_export
-    from regft.predict import resolve_model
-
     with tempfile.TemporaryDirectory(prefix="regft-model-") as tmp:
         folder = resolve_model(args.model, args.tracking_uri, tmp)
         model = load_export(folder)
@@ -105,6 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from regft.evaluate import main as _pkg_main  # package import: same exception classes
-
-    raise SystemExit(_pkg_main())
+    raise SystemExit(main())  # the error classes live in regft.errors: one copy even under -m

@@ -31,11 +31,18 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
+from huggingface_hub import model_info
 
 from regft.errors import UserError, WeightsUnavailable
 from regft.hub import hub_reachable
+from regft.shapes import ShapesGenerator
+from regft.tiny_diffusion import TINY_SD_VERSION, materialize_tiny_pipeline
 
-PAPER_GENERATOR = "stabilityai/stable-diffusion-2-1-base"  # method.md: SD 2.1-base
+# diffusers is imported where a pipeline is located or loaded: it takes seconds, and the driver
+# builds generators (shapes, identity checks) without ever loading one
+
+PAPER_GENERATOR = "stabilityai/stable-diffusion-2-1-base"  # docs/method.md: SD 2.1-base
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 NATIVE_RESOLUTION = {"tiny": 32, "shapes": 32}  # anything else: a real SD model, 512 px
 DEFAULT_RESOLUTION = 512
@@ -59,8 +66,6 @@ def native_resolution(name: str) -> int:
 
 def resolve_torch_dtype(dtype: str, device: str):
     """'auto' = fp16 on CUDA (the paper's setting), fp32 on CPU (CPU fp16 is slow and lossy)."""
-    import torch
-
     if dtype not in DTYPES:
         raise UserError(f"dtype: unknown value {dtype!r}; choose from {', '.join(DTYPES)}")
     if dtype == "auto":
@@ -99,7 +104,7 @@ def locate_diffusers_model(model: str, revision: str | None = None) -> tuple[str
                 "DiffusionPipeline.save_pretrained, a Hugging Face model id, or 'tiny'"
             )
         return os.path.abspath(model), folder_fingerprint(model)
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # heavy: see the imports
 
     try:
         # diffusers' own resolver: returns the cached snapshot when every file from_pretrained
@@ -115,8 +120,6 @@ def locate_diffusers_model(model: str, revision: str | None = None) -> tuple[str
             f"(python -c \"from diffusers import StableDiffusionPipeline as P; P.download('{model}')\")"
             " and copy the cache (HF_HOME), pass a local pipeline folder, or use --generator tiny"
         )
-    from huggingface_hub import model_info
-
     try:
         sha = model_info(model, revision=revision).sha
     except Exception as e:  # unknown repo, gated model, bad revision: one line, not a traceback
@@ -174,7 +177,7 @@ class DiffusersGenerator:
 
     def load(self):
         if self._pipe is None:
-            from diffusers import StableDiffusionPipeline
+            from diffusers import StableDiffusionPipeline  # heavy: see the imports
 
             torch_dtype = resolve_torch_dtype(self.dtype, self.device)
             local = os.path.isdir(self.source)
@@ -182,7 +185,7 @@ class DiffusersGenerator:
                 self.source,
                 revision=None if local else self.revision,
                 dtype=torch_dtype,
-                safety_checker=None,  # method.md: safety checker off
+                safety_checker=None,  # docs/method.md: safety checker off
                 requires_safety_checker=False,
                 local_files_only=local,
             )
@@ -192,8 +195,6 @@ class DiffusersGenerator:
 
     def generate(self, prompts: list[str], seeds: list[int], labels: list[int],
                  classnames: list[str]) -> list[np.ndarray]:
-        import torch
-
         n = len(prompts)
         if not (len(seeds) == len(labels) == len(classnames) == n):
             raise ValueError(f"generate: prompts, seeds, labels, classnames differ in length "
@@ -226,16 +227,12 @@ def make_generator(name: str, *, resolution: int, steps: int, guidance: float,
     shapes takes `gap`; diffusers models take `revision` and `negative_prompt`."""
     options = dict(options or {})
     if name == "shapes":
-        from regft.shapes import ShapesGenerator
-
         return ShapesGenerator(resolution=resolution, **options)
     allowed = {"revision", "negative_prompt"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise UserError(f"generator {name!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
     if name == "tiny":
-        from regft.tiny_diffusion import TINY_SD_VERSION, materialize_tiny_pipeline
-
         if options.get("revision"):
             raise UserError("generator 'tiny': takes no revision (it is built from code)")
         folder = materialize_tiny_pipeline()

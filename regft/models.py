@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -18,11 +19,16 @@ from pathlib import Path
 
 import torch
 
+from regft.cli import entry_point
 from regft.errors import UserError, WeightsUnavailable
 from regft.hub import cached_open_clip_checkpoint, hub_reachable
+from regft.zeroshot import ImageClassifier, zeroshot_head
 
 TINY_NAME = "regft-tiny"
 TINY_ALIASES = {"tiny", TINY_NAME}
+# exp(logit_scale) of a model without one: CLIP clamps its learned scale at 100, where trained
+# CLIP models sit
+FALLBACK_LOGIT_SCALE = 100.0
 
 
 @dataclass
@@ -37,8 +43,11 @@ class ClipBundle:
     embed_dim: int
 
 
+# open_clip is imported where it is used: it takes seconds (timm, torchvision models), and
+# importing this module for its names (the CLI's weight check, TINY_ALIASES) must stay quick.
+
 def register_tiny_config() -> None:
-    import open_clip
+    import open_clip  # heavy: see above
 
     if TINY_NAME not in open_clip.list_models():
         cfg_dir = Path(str(resources.files("regft") / "data" / "model_configs"))
@@ -51,7 +60,7 @@ def check_weights_available(model_name: str, pretrained: str | None, cache_dir: 
     Raises UserError (a ValueError) for an unknown model/tag and WeightsUnavailable when the weights are
     neither on disk nor reachable. Cheap: no download is started here.
     """
-    import open_clip
+    import open_clip  # heavy: see register_tiny_config
 
     if model_name in TINY_ALIASES or not pretrained or pretrained in ("none", "random"):
         return "none", None
@@ -93,7 +102,7 @@ def create_clip(
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
 ) -> ClipBundle:
-    import open_clip
+    import open_clip  # heavy: see register_tiny_config
 
     register_tiny_config()
     how, value = check_weights_available(model_name, pretrained, cache_dir)
@@ -151,21 +160,17 @@ def encode_texts(model, tokenizer, texts_per_class, device="cpu", batch_size=256
 
 
 def logit_scale_of(model) -> float:
-    return float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
+    return float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else FALLBACK_LOGIT_SCALE
 
 
 def build_classifier(bundle: ClipBundle, task, device="cpu"):
     """Zero-shot-initialised image classifier (CLIP image tower + head) for a task."""
-    from regft.zeroshot import ImageClassifier, zeroshot_head
-
     feats = encode_texts(bundle.model, bundle.tokenizer, task.zeroshot_texts(), device=device)
     head = zeroshot_head(feats, logit_scale_of(bundle.model))
     return ImageClassifier(bundle.model, head).to(device)
 
 
 def _main(argv: list[str] | None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(
         prog="python -m regft.models",
         description="Check (or download, where the hub is reachable) CLIP weights for offline use.",
@@ -185,13 +190,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from regft.cli import entry_point
-
     return entry_point(_main)(argv)
 
 
 if __name__ == "__main__":
-    # import through the package so exception classes are the same objects entry_point catches
-    from regft.models import main as _pkg_main
-
-    raise SystemExit(_pkg_main())
+    raise SystemExit(main())  # the error classes live in regft.errors: one copy even under -m

@@ -19,23 +19,27 @@ import sys
 import tempfile
 from pathlib import Path
 
-from regft.cli import entry_point
+from tqdm.auto import tqdm
+
+from regft.cli import entry_point, redact
 from regft.errors import UserError
+from regft.export import find_export, load_export
 from regft.images import IMAGE_EXTS, image_files
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id
+ERROR_CHARS = 300  # of MLflow's first error line, quoted in ours
 
 
 def resolve_model(model: str, tracking_uri: str | None, tmp: str) -> Path:
     """MODEL argument -> a local export folder (downloaded into `tmp` when it lives in MLflow)."""
-    from regft.export import find_export
-
     path = Path(model).expanduser()
     if path.exists():
         return find_export(path)
     if model.startswith(("models:/", "runs:/")) or RUN_ID.match(model):
+        # MLflow (regft.registry) and Ray Tune (regft.tracking) take seconds to import: only for
+        # a model that lives in MLflow, never for a folder (tests/test_export.py checks)
         from regft.registry import download_export
-        from regft.tracking import check_tracking_uri, redact, resolve_tracking_uri
+        from regft.tracking import check_tracking_uri, resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri)
         problems = check_tracking_uri(uri)  # seconds, instead of MLflow's minutes of retries
@@ -44,7 +48,7 @@ def resolve_model(model: str, tracking_uri: str | None, tmp: str) -> Path:
         try:
             return download_export(model, uri, tmp)
         except Exception as e:  # MlflowException, missing artifacts: one line, exit 2
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            first = str(e).strip().splitlines()[0][:ERROR_CHARS] if str(e).strip() else type(e).__name__
             raise UserError(f"MODEL {model}: cannot fetch it from MLflow at {redact(uri)} ({redact(first)}); "
                             "check the run id / models:/NAME/VERSION and --tracking-uri") from e
     raise UserError(f"MODEL {model}: no such folder, and not an MLflow run id (32 hex digits) or "
@@ -87,12 +91,8 @@ def _main(argv: list[str] | None) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}")
     images, folder = collect_images(args.images)
-    from regft.export import load_export
-
     with tempfile.TemporaryDirectory(prefix="regft-model-") as tmp:
         model = load_export(resolve_model(args.model, args.tracking_uri, tmp))
-    from tqdm.auto import tqdm
-
     k = min(args.top_k, model.num_classes)
     bar = tqdm(total=len(images), unit="img", file=sys.stderr, desc="predict",
                disable=None if (folder or len(images) > args.batch_size) else True)
@@ -115,6 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from regft.predict import main as _pkg_main  # package import: same exception classes
-
-    raise SystemExit(_pkg_main())
+    raise SystemExit(main())  # the error classes live in regft.errors: one copy even under -m

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 
+import ray  # this module exists to start Ray: only orchestration code imports it
+
 SETUP_HOOK = "regft.raylocal.pin_ray_address"
 
 
 def pin_ray_address() -> None:
     """Runs in every worker process of a local Ray we started (runtime_env set-up hook)."""
-    import ray
-
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
@@ -32,8 +32,6 @@ def init(address: str | None = None, *, num_cpus: int | None = None, dashboard: 
     The local Ray's dashboard is on by default because Tune frees a stopped trial's resources
     and Train's cleaner checks actors through the state API it serves; it listens on 127.0.0.1.
     """
-    import ray
-
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
+from PIL import Image
 
 from regft.errors import UserError
 from regft.images import IMAGE_EXTS, image_files, load_rgb
@@ -134,8 +136,6 @@ class ArrayDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         img = Image.fromarray(np.asarray(self.images[i], dtype=np.uint8))
         return (self.transform(img) if self.transform else img), int(self.labels[i])
 
@@ -218,8 +218,6 @@ def read_coop(path: Path, task: Task, split: str, transform=None, where: str = "
 
 
 def read_torchvision(root: Path, task: Task, transform=None, where: str = ""):
-    import torchvision.datasets as tvd
-
     where = where or str(root)
     spec = task.real_test or ""
     cls_name = spec.split(":", 1)[1] if spec.startswith("torchvision:") else None

@@ -26,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import zlib
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from regft.errors import UserError
 from regft.tasks import Task, load_task
@@ -259,10 +261,6 @@ def render_real_test(
 def write_real_test(root: str, n_per_class: int = REAL_TEST_PER_CLASS, seed: int = REAL_TEST_SEED,
                     resolution: int = 32) -> str:
     """Write the real test split as an ImageFolder tree root/<class name>/<index>.png."""
-    from pathlib import Path
-
-    from PIL import Image
-
     images, labels = render_real_test(n_per_class, seed, resolution)
     out = Path(root)
     counts: dict[int, int] = {}

@@ -142,6 +142,7 @@ def load_task(name: str) -> Task:
         )
     rec = json.loads(path.read_text(encoding="utf-8"))
     if rec.get("classnames_source") == "open_clip.zero_shot_metadata":
+        # open_clip takes seconds to import; only ImageNet's names come from it
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
         classnames = tuple(IMAGENET_CLASSNAMES)

@@ -12,13 +12,23 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-TINY_SD_ID = "tiny"
+# diffusers, transformers and open_clip are imported inside the builders: each takes seconds,
+# and only materialising the pipeline (once per machine) needs them
+
 TINY_SD_VERSION = "tiny-sd-v1"  # bump when the architecture or seeds below change
 TINY_RESOLUTION = 32
+# CLIP's byte-level BPE vocabulary (open_clip's tokenizer, `SimpleTokenizer`): 256 byte tokens and
+# their 256 end-of-word forms, one token per merge, then the two special tokens. The BPE file's
+# first line is a header, and CLIP uses its first 49152 - 256 - 2 merges.
+CLIP_BPE_MERGES = 49152 - 256 - 2
+CLIP_START_TOKEN, CLIP_END_TOKEN = 49406, 49407  # <|startoftext|>, <|endoftext|>
+CLIP_VOCAB_SIZE = 49408  # 2 * 256 bytes + 48894 merges + 2 special tokens
+CLIP_CONTEXT_LENGTH = 77
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -38,10 +48,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def clip_bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's 49408-token vocabulary and merges from open_clip's bundled BPE file."""
-    from open_clip.tokenizer import default_bpe
+    from open_clip.tokenizer import default_bpe  # heavy: see the imports
 
     lines = gzip.open(default_bpe(), "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    merges = [tuple(m.split()) for m in lines[1 : CLIP_BPE_MERGES + 1]]  # line 0: the header
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
     vocab += ["".join(m) for m in merges]
@@ -51,11 +61,12 @@ def clip_bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def build_tiny_pipeline(seed: int = 0):
     """Assemble the tiny pipeline in memory (each component seeded before it is built)."""
+    # heavy: see the imports
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab, merges = clip_bpe_vocab_and_merges()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_CONTEXT_LENGTH)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -83,15 +94,15 @@ def build_tiny_pipeline(seed: int = 0):
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
+            bos_token_id=CLIP_START_TOKEN,
+            eos_token_id=CLIP_END_TOKEN,
+            pad_token_id=CLIP_END_TOKEN,
             hidden_size=32,
             intermediate_size=64,
             num_attention_heads=4,
             num_hidden_layers=2,
-            vocab_size=49408,
-            max_position_embeddings=77,
+            vocab_size=CLIP_VOCAB_SIZE,
+            max_position_embeddings=CLIP_CONTEXT_LENGTH,
         )
     )
     scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)  # SD's default scheduler family
@@ -126,7 +137,5 @@ def materialize_tiny_pipeline(cache_dir: str | Path | None = None) -> Path:
     try:
         os.replace(tmp, target)
     except OSError:  # another process won the race: keep theirs
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return target
