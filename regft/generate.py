@@ -315,11 +315,7 @@ def check_request(cfg: GenerationConfig):
     task = None
     if cfg.task or cfg.classnames_file:
         try:
-            task = resolve_task(cfg.task, cfg.classnames_file)
-            if cfg.max_classes and cfg.max_classes < task.num_classes:
-                task = dataclasses.replace(
-                    task, classnames=task.classnames[:cfg.max_classes],
-                    generation_classnames=task.generation_classnames[:cfg.max_classes])
+            task = resolve_task(cfg.task, cfg.classnames_file, cfg.max_classes)  # Task.first: <task>-firstN
         except TaskError as e:
             problems.append(str(e))
     if not any(p.startswith("store") for p in problems):
