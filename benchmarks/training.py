@@ -90,7 +90,8 @@ def ray_loop(cfg, dataset_path: str, storage: str, name: str) -> list[float]:
     import ray.train
     from ray.train import Result
 
-    from regft.train import build_trainer, load_checkpoint
+    from regft import checkpoint
+    from regft.train import build_trainer
 
     run_config = ray.train.RunConfig(name=name, storage_path=storage)
     cfg.keep_checkpoints = cfg.epochs + 1
@@ -98,9 +99,9 @@ def ray_loop(cfg, dataset_path: str, storage: str, name: str) -> list[float]:
     rates = {}
     for ckpt, _ in Result.from_path(os.path.join(storage, name)).best_checkpoints:
         with ckpt.as_directory() as d:
-            _, meta = load_checkpoint(d)
-        if not meta["final"]:
-            rates[meta["epoch"]] = meta["metrics"]["images_per_s"]
+            meta = checkpoint.read_meta(d)
+        if not meta.final:
+            rates[meta.epoch] = meta.metrics.images_per_s
     return [rates[e] for e in sorted(rates)]
 
 

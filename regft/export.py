@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -30,9 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from regft import checkpoint
+from regft.engine import normalize_uint8, split_clip_transform
 from regft.errors import ExportError
 from regft.images import as_pil
+from regft.models import TINY_ALIASES, TINY_NAME, create_clip, register_tiny_config
+from regft.zeroshot import ClassificationHead, ImageClassifier
 
 FORMAT = "regft.export/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,9 +55,7 @@ REQUIRED = {  # key -> accepted JSON types
 # ------------------------------------------------------------------- architecture ----
 def _base_model_cfg(model_name: str) -> dict:
     """open_clip's model config for a regft model name (catalog name, `tiny`, `local-dir:`)."""
-    import open_clip
-
-    from regft.models import TINY_ALIASES, TINY_NAME, register_tiny_config
+    import open_clip  # heavy (seconds): imported where an architecture is read or built
 
     if model_name.startswith("local-dir:"):
         path = Path(model_name[len("local-dir:"):]) / "open_clip_config.json"
@@ -68,7 +73,7 @@ def architecture_of(bundle) -> dict:
     """{"model_cfg", "preprocess_cfg"}: what open_clip needs to rebuild `bundle`'s model without
     its pretrained weights. The activation is read off the built model (OpenAI weights force
     QuickGELU), the preprocessing off open_clip's final per-model config."""
-    from open_clip.model import get_model_preprocess_cfg
+    from open_clip.model import get_model_preprocess_cfg  # heavy: see _base_model_cfg
     from open_clip.transformer import QuickGELU
 
     cfg = json.loads(json.dumps(_base_model_cfg(bundle.model_name)))  # a deep, JSON-able copy
@@ -88,10 +93,7 @@ def architecture_or_none(bundle) -> dict | None:
 
 def _build_architecture(arch: dict, num_classes: int, embed_dim: int):
     """(ImageClassifier with zero weights, eval SplitTransform) from a recorded architecture."""
-    import open_clip
-
-    from regft.engine import split_clip_transform
-    from regft.zeroshot import ClassificationHead, ImageClassifier
+    import open_clip  # heavy: see _base_model_cfg
 
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # open_clip warns that no weights were loaded: by design
@@ -137,8 +139,6 @@ def write_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, mod
     re-evaluation). `evaluation`: how the logged numbers were computed (real_test path,
     eval_batch_size). The folder is written complete or not at all (temp name, then renamed).
     """
-    from safetensors.torch import save_file
-
     classnames = [str(c) for c in classnames]
     if HEAD_WEIGHT not in state_dict:
         raise ExportError(f"state dict has no {HEAD_WEIGHT!r}: not an ImageClassifier's weights")
@@ -180,8 +180,6 @@ def write_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, mod
             folder.rmdir()  # an empty folder only (checked above that it holds no export)
         os.replace(tmp, folder)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
@@ -190,22 +188,17 @@ def write_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, mod
 def export_checkpoint(checkpoint_dir: str | Path, folder: str | Path, **kwargs) -> Path:
     """Export a regft.train checkpoint folder (model.pt + meta.json; the final one holds the
     ensemble at the selected alpha). kwargs override/extend what the checkpoint's meta gives."""
-    from regft.train import load_checkpoint
-
-    state, meta = load_checkpoint(str(checkpoint_dir))  # weights_only torch.load: no code
-    if not meta.get("final"):
+    state, meta = checkpoint.load(str(checkpoint_dir))  # weights_only torch.load: no code
+    if not meta.final:
         raise ExportError(f"{checkpoint_dir}: not a final (ensembled) checkpoint: epoch "
-                          f"{meta.get('epoch')} of a run that has not finished")
-    arch = kwargs.pop("architecture", None) or meta.get("architecture")
+                          f"{meta.epoch} of a run that has not finished")
+    arch = kwargs.pop("architecture", None) or meta.architecture
     if arch is None:  # checkpoints written before the architecture was recorded
-        from regft.models import create_clip
-
-        arch = architecture_of(create_clip(meta["model"], meta.get("pretrained")))
-    metrics = {**(meta.get("metrics") or {}), **(kwargs.pop("metrics", None) or {})}
-    extra = {"best_epoch": (meta.get("metrics") or {}).get("best_epoch"), **kwargs.pop("extra", {})}
-    args = {"model": meta["model"], "pretrained": meta.get("pretrained"),
-            "classnames": meta["classnames"], "alpha": meta["alpha"],
-            "task": {"name": meta.get("task")}, **kwargs}
+        arch = architecture_of(create_clip(meta.model, meta.pretrained))
+    metrics = {**meta.metrics.to_dict(), **kwargs.pop("metrics", {})}
+    extra = {"best_epoch": meta.metrics.best_epoch, **kwargs.pop("extra", {})}
+    args = {"model": meta.model, "pretrained": meta.pretrained, "classnames": meta.classnames,
+            "alpha": meta.alpha, "task": {"name": meta.task}, **kwargs}
     return write_export(folder, state, architecture=arch, metrics=metrics, extra=extra, **args)
 
 
@@ -246,8 +239,6 @@ def read_meta(folder: str | Path) -> dict:
 def verify_export(folder: str | Path) -> dict:
     """Check the JSON, the weights' checksum and every tensor shape; return the JSON.
     Reads the safetensors header and bytes only."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     meta = read_meta(folder)
     weights = folder / meta["weights"]
@@ -323,8 +314,6 @@ class ExportedClassifier:
 
     @torch.no_grad()
     def logits(self, uint8_batch: torch.Tensor) -> torch.Tensor:
-        from regft.engine import normalize_uint8
-
         x = normalize_uint8(uint8_batch, self.transform.mean, self.transform.std)
         return self.module(x).float()  # (B, 3, H, W) -> (B, C)
 
@@ -347,8 +336,6 @@ class ExportedClassifier:
 
 def load_export(folder: str | Path) -> ExportedClassifier:
     """Verify and load an export folder (safetensors + JSON only; see `verify_export`)."""
-    from safetensors.torch import load_file
-
     meta = verify_export(folder)
     shapes = meta.pop("_shapes")
     module, transform = _build_architecture(meta["open_clip"], meta["num_classes"], meta["embed_dim"])

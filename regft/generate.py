@@ -34,10 +34,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from regft import faults
 from regft import store as st
 from regft.cli import UserError, entry_point
 from regft.generators import DTYPES, PAPER_GENERATOR, make_generator, native_resolution
@@ -223,15 +223,14 @@ def generate_shard(generator, items: list[Item], batch_size: int, output_size: i
                    fault: dict | None = None):
     """Generate one shard's items in inference batches; returns its Arrow table (item order).
 
-    `fault` (tests only): {"item_id", "mode": "raise"|"exit", "marker": path} -- the first time any
-    process reaches that item (the marker file records it), raise or kill the process.
-    ({"mode": "disk_full", "shard": k, ...} faults the shard's write instead: regft.store.write_shard.)
+    `fault` (tests only, regft.faults): {"item_id", "mode": "raise"|"exit", "marker": path} -- the
+    first time any process reaches that item, raise or kill the process. ({"mode": "disk_full",
+    "shard": k, ...} faults the shard's write instead: regft.store.write_shard.)
     """
     images: list[bytes] = []
     for b in range(0, len(items), batch_size):
         batch = items[b:b + batch_size]
-        if fault and any(it.item_id == fault.get("item_id") for it in batch):
-            _maybe_fault(fault)
+        faults.at_items(fault, [it.item_id for it in batch])
         arrays = generator.generate([it.prompt for it in batch], [it.seed for it in batch],
                                     [it.label for it in batch], [it.classname for it in batch])
         # each (resolution, resolution, 3) uint8 -> (output_size, output_size, 3) -> PNG bytes
@@ -239,18 +238,6 @@ def generate_shard(generator, items: list[Item], batch_size: int, output_size: i
     return st.shard_table([it.item_id for it in items], [it.label for it in items],
                           [it.classname for it in items], [it.prompt for it in items],
                           [it.seed for it in items], images)
-
-
-def _maybe_fault(fault: dict) -> None:
-    marker = Path(fault["marker"])
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly once, across processes
-    except FileExistsError:
-        return
-    os.close(fd)
-    if fault.get("mode") == "exit":
-        os._exit(1)  # an actor dying mid-shard (nothing of this shard is committed)
-    raise RuntimeError(f"injected fault at item {fault['item_id']}")
 
 
 def _items_to_json(items: list[Item]) -> str:

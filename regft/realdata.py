@@ -44,7 +44,7 @@ from PIL import Image
 from regft.errors import UserError
 from regft.images import IMAGE_EXTS, image_files, load_rgb
 from regft.shapes import render_real_test
-from regft.tasks import SHAPES_REAL, Task
+from regft.tasks import SHAPES_REAL, Task, resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -383,3 +383,23 @@ class Sealed:
             self._dataset = self._factory()
             self._audit.record("open", split=self.name, size=len(self._dataset))
         return self._dataset
+
+
+# ------------------------------------------------------------- pre-flight checks ----
+def real_split_problems(task: Task, path: str | None, split: str) -> list[str]:
+    """Open one real split's file list and labels (never pixels): a missing folder, classes
+    that are not the task's, or an empty split fail here, before any work."""
+    if path is None or (split == "test" and path == SHAPES_REAL == task.real_test):
+        return []  # nothing given, or the testbed's rendered split (nothing to check)
+    try:
+        ds = open_real_split(task, path, split)
+    except ValueError as e:
+        return [str(e)]
+    return [f"--real-{split} {path}: no images"] if ds is not None and len(ds) == 0 else []
+
+
+def check_real_data(cfg) -> list[str]:
+    """Both real splits of a training config (a regft.train.TrainConfig; see
+    `real_split_problems`)."""
+    task = resolve_task(cfg.task, cfg.classnames, cfg.max_classes)
+    return real_split_problems(task, cfg.real_test, "test") + real_split_problems(task, cfg.real_val, "val")

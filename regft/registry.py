@@ -14,15 +14,24 @@
 from __future__ import annotations
 
 import os
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
+from mlflow.artifacts import download_artifacts
+from mlflow.tracking import MlflowClient
+
+from regft import checkpoint
+from regft.export import META_FILE, export_checkpoint, find_export, load_export, read_meta
 
 ARTIFACT_PATH = "regft_model"  # the export folder under the run's artifacts
 PYFUNC_NAME = "classifier"  # the logged pyfunc model's name
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # set by ray.tune's TuneReportCallback on a result
 
 
 def images_from_input(model_input) -> list:
@@ -53,8 +62,6 @@ class RegftPyfuncModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of an export folder (artifact `export`)."""
 
     def load_context(self, context):
-        from regft.export import find_export, load_export
-
         self.model = load_export(find_export(context.artifacts["export"]))
 
     # The DataFrame hint is one MLflow infers no schema from (so it neither converts nor
@@ -65,8 +72,6 @@ class RegftPyfuncModel(mlflow.pyfunc.PythonModel):
 
 
 def _requirements() -> list[str]:
-    from importlib import metadata
-
     reqs = []
     for dist in ("regft", "mlflow", "torch", "torchvision", "open_clip_torch", "safetensors",
                  "pillow", "numpy", "pandas"):
@@ -84,10 +89,6 @@ def log_export(tracking_uri: str, run_id: str, folder: str | Path,
     Returns {"artifact_uri", "model_uri", "registered_name", "version"} (version None when not
     registered). Raises whatever MLflow raises; the caller decides whether that is fatal.
     """
-    from mlflow.tracking import MlflowClient
-
-    from regft.export import read_meta
-
     meta = read_meta(folder)
     client = MlflowClient(tracking_uri)
     client.log_artifacts(run_id, str(folder), ARTIFACT_PATH)
@@ -116,10 +117,6 @@ def log_export(tracking_uri: str, run_id: str, folder: str | Path,
 def download_export(model: str, tracking_uri: str, dst: str | Path) -> Path:
     """An MLflow run id or `models:/NAME/VERSION` (or any MLflow artifact URI) -> the local export
     folder, downloaded under `dst`. Only files are fetched; nothing is unpickled."""
-    from mlflow.artifacts import download_artifacts
-
-    from regft.export import find_export
-
     if model.startswith(("models:/", "runs:/")) or "://" in model:
         uri = model
     else:
@@ -141,27 +138,15 @@ def best_checkpoint(results, trial_id: str, trial_run_root: str):
     """The final (ensembled) checkpoint of a trial as a ray.train.Checkpoint: the one its last
     result names, else (a resumed trial that had finished repeats its final report without one)
     the newest checkpoint under its Train run folder whose meta says final; None if neither."""
-    import json
-
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint  # ray only here: predict/evaluate import this module
 
     for r in results:
         metrics = r.metrics or {}
-        if metrics.get("trial_id") == trial_id and metrics.get("checkpoint_path"):
-            return Checkpoint(metrics["checkpoint_path"])
+        if metrics.get("trial_id") == trial_id and metrics.get(CHECKPOINT_PATH_KEY):
+            return Checkpoint(metrics[CHECKPOINT_PATH_KEY])
     fs, root = pafs.FileSystem.from_uri(trial_run_root)
-    finals = []
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-            continue
-        try:
-            with fs.open_input_stream(f"{info.path}/meta.json") as f:
-                if json.loads(f.read().decode("utf-8")).get("final"):
-                    finals.append(info.path)
-        except (OSError, ValueError):
-            continue
-    return Checkpoint(sorted(finals)[-1], fs) if finals else None
+    final = checkpoint.find_final(fs, root)
+    return Checkpoint(final, fs) if final is not None else None
 
 
 def deliver_best(results, best, *, client, tracking_uri: str, parent_id: str, search_name: str,
@@ -171,10 +156,6 @@ def deliver_best(results, best, *, client, tracking_uri: str, parent_id: str, se
     parent run and register it as `registered_name`. Never raises: a failed export or
     registration is a warning (the search's results stand; the export is kept if written).
     Returns {"export": folder or None, "model_uri": models:/NAME/VERSION or None}."""
-    import sys
-
-    from regft.export import META_FILE, export_checkpoint, read_meta
-
     out: dict = {"export": None, "model_uri": None}
     trial_id = str(best.get("trial_id"))
     try:

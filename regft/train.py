@@ -36,33 +36,92 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import sys
 import tempfile
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+from PIL import Image
+from ray.data import DataContext, RandomSeedConfig
+from ray.data.expressions import random as row_random
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from regft import checkpoint as ckpt
+from regft import faults, raylocal
+from regft import store as st
 from regft.cli import UserError, entry_point
-from regft.engine import ALPHA_RULES
+from regft.config import from_dict
+from regft.distributed import all_reduce_sum, gather_features, gather_rows, rank_and_world
+from regft.engine import (
+    ALPHA_RULES,
+    Batch,
+    EvalSet,
+    SplitTransform,
+    alpha_sweep,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    normalize_uint8,
+    split_clip_transform,
+    state_dict_cpu,
+    to_uint8,
+)
+from regft.ensemble import EnsembleError, alpha_grid, interpolate
+from regft.export import architecture_or_none
+from regft.generate import GenerationConfig, ensure_dataset
+from regft.loop import (
+    AlphaChoice,
+    EpochStats,
+    Precision,
+    StateDict,
+    choose_alpha,
+    precision_for,
+    train_epoch,
+)
+from regft.metrics import diversity_scores
+from regft.models import build_classifier, create_clip
+from regft.realdata import SHAPES_REAL, Audit, Sealed, check_real_data, open_real_split
+from regft.reports import (
+    SELECTION_SPLITS,
+    SPLITS,
+    CheckpointMeta,
+    DivergedReport,
+    EpochReport,
+    FinalReport,
+    Report,
+    SplitNumbers,
+    parse_result,
+)
 from regft.resources import check_resources, cluster_capacity
+from regft.store import TorchImageDataset
+from regft.tasks import Task, resolve_task, unsafe_name_problem
+from regft.zeroshot import ImageClassifier
 
 log = logging.getLogger(__name__)
 
-SELECTION_METRICS = ("synthetic_val", "real_val")
-SPLITS = ("synthetic_val", "real_val", "real_test")
+SELECTION_METRICS = SELECTION_SPLITS  # the splits that may select (never real_test)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_CACHE_BYTES = 4 * 2**30  # per rank: decoded eval images kept in memory up to this size
-MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
+# Ray Data decode/augment map: rows per call (PNG decode + PIL ops; large enough to amortise
+# the task overhead, small enough to keep a data CPU's batch of 224 px images ~10 MB)
+DECODE_BATCH_ROWS = 64
+PREFETCH_BATCHES = 2  # train batches Ray Data prepares ahead of the step that needs them
+FLOAT_MANTISSA = 2**53  # a uniform float in [0, 1) -> a distinct integer seed (53-bit mantissa)
 
 
 def default_alpha_grid() -> list[float]:
-    from regft.ensemble import alpha_grid
-
     return alpha_grid(0.1)
 
 
@@ -161,22 +220,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "train config") -> TrainConfig:
-        from regft.config import from_dict
-
         return from_dict(cls, data, where=where)
 
 
-def resolve_train_task(cfg: TrainConfig):
-    from regft.tasks import resolve_task
-
+def resolve_train_task(cfg: TrainConfig) -> Task:
     return resolve_task(cfg.task, cfg.classnames, cfg.max_classes)
-
-
-def _rank0_print(msg: str) -> None:
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() == 0:
-        print(msg, flush=True)
 
 
 # ----------------------------------------------------------------- data pipeline ----
@@ -190,21 +238,13 @@ class DecodeAugment:
         self.pil_transform = pil_transform
 
     def __call__(self, batch: dict) -> dict:
-        import io
-
-        import numpy as np
-        import torch
-        from PIL import Image
-
-        from regft.engine import to_uint8
-
         images = []
         for png, u in zip(batch["image"], batch["aug_seed"]):
             # torchvision's random transforms draw from torch's default CPU generator; this is a
             # Ray Data worker process, so re-seeding it per row disturbs nothing else. (Not
             # torch.manual_seed: it also seeds every accelerator backend, and per row that cut
             # the pipeline's throughput to a third.)
-            torch.default_generator.manual_seed(int(float(u) * 2**53))
+            torch.default_generator.manual_seed(int(float(u) * FLOAT_MANTISSA))
             with Image.open(io.BytesIO(png)) as img:
                 images.append(to_uint8(self.pil_transform(img.convert("RGB"))).numpy())
         return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
@@ -213,21 +253,25 @@ class DecodeAugment:
 def clip_transforms(cfg: TrainConfig):
     """(train, eval) SplitTransforms of the model's CLIP preprocessing (built once, weights not
     needed: the PIL ops depend only on the architecture's image size)."""
-    from regft.engine import split_clip_transform
-    from regft.models import create_clip
-
     bundle = create_clip(cfg.model, None, seed=cfg.seed)
     return split_clip_transform(bundle.preprocess_train), split_clip_transform(bundle.preprocess_eval)
+
+
+def read_ray_dataset(dataset_path: str, split: str = "train", val_fraction: float = 0.1) -> ray.data.Dataset:
+    """A Ray Dataset of a complete stored dataset's rows in `split` ('train', 'val' or 'all'),
+    columns as stored (regft.store.SCHEMA; image = PNG bytes). Only the shards the manifest
+    lists are read."""
+    fs, paths = st.split_shards(dataset_path, split, val_fraction)
+    ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None)
+    if split == "all":
+        return ds
+    return ds.map_batches(st.filter_split, batch_format="pyarrow", batch_size=None,
+                          fn_kwargs={"split": split, "val_fraction": val_fraction})
 
 
 def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
     """The train split as a Ray Dataset: shuffled every epoch, decoded and augmented (the PIL part
     of `train_tf`) on data CPUs, as uint8 (B, 3, H, W) + labels."""
-    from regft.store import read_ray_dataset
-
-    from ray.data import DataContext, RandomSeedConfig
-    from ray.data.expressions import random as row_random
-
     # A dataset keeps the DataContext it was built under, and order-preserving execution has to
     # be in it from the start (set later, the rows still arrived in a different order on every
     # run); Train gets the same options through train_data_config. The caller's context is
@@ -246,7 +290,8 @@ def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
         reseeded = RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)
         ds = ds.random_shuffle(seed=reseeded)
         ds = ds.with_column("aug_seed", row_random(seed=cfg.seed + 1, reseed_after_execution=True))
-        return ds.map_batches(DecodeAugment(train_tf.pil), batch_format="numpy", batch_size=64)
+        return ds.map_batches(DecodeAugment(train_tf.pil), batch_format="numpy",
+                              batch_size=DECODE_BATCH_ROWS)
     finally:
         ctx.execution_options.preserve_order = saved
 
@@ -254,18 +299,12 @@ def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
 def train_data_config(ds):
     """Ray Train's DataConfig for `ds`: Train replaces a dataset's execution options with the
     ones it is given (by default the process's current ones), so it is given the dataset's own,
-    order-preserving ones (train_dataset) and runs the dataset as it was built. What made the
-    stream reproducible in measurements was building it that way: with one worker the stream
-    was the same on every run even when Train was handed the defaults instead."""
-    import ray.train
-
+    order-preserving ones (train_dataset) and runs the dataset as it was built."""
     return ray.train.DataConfig(execution_options=ds.context.execution_options)
 
 
 def count_split(dataset_path: str, split: str, val_fraction: float) -> int:
-    from regft.store import read_table
-
-    return read_table(dataset_path, split, val_fraction, columns=["item_id"]).num_rows
+    return st.read_table(dataset_path, split, val_fraction, columns=["item_id"]).num_rows
 
 
 def steps_per_epoch(n_train: int, cfg: TrainConfig) -> int:
@@ -274,353 +313,346 @@ def steps_per_epoch(n_train: int, cfg: TrainConfig) -> int:
     return (n_train // cfg.num_workers) // per_worker
 
 
-# ------------------------------------------------------------------ checkpoints ----
-def save_checkpoint(folder: str, state_dict: dict, meta: dict, train_state: dict | None = None) -> None:
-    """model.pt (a plain state dict: load with torch.load(..., weights_only=True)), meta.json and,
-    for resuming, train_state.pt (optimizer/scheduler/scaler state, also weights_only-loadable)."""
-    import torch
+# ------------------------------------------------------------------- worker steps ----
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """`train_loop_config` of the TorchTrainer (build_trainer writes it)."""
 
-    torch.save(state_dict, os.path.join(folder, MODEL_FILE))
-    if train_state is not None:
-        torch.save(train_state, os.path.join(folder, STATE_FILE))
-    Path(folder, META_FILE).write_text(json.dumps(meta, indent=1, default=float), encoding="utf-8")
-
-
-def load_checkpoint(folder: str) -> tuple[dict, dict]:
-    """(state dict, meta) of a checkpoint folder; never unpickles arbitrary objects."""
-    import torch
-
-    state = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
-    meta = json.loads(Path(folder, META_FILE).read_text(encoding="utf-8"))
-    return state, meta
+    train: dict  # TrainConfig.to_dict()
+    dataset_path: str
+    steps_per_epoch: int
+    fault: dict | None  # regft.faults test hook
+    train_pil: str  # repr of the driver's augmentation (the Data pipeline's), checked on the worker
 
 
-def _sibling_checkpoint_state(checkpoint, epoch: int) -> dict | None:
-    """The weights of the checkpoint of `epoch` in the same run folder (resume: best epoch)."""
-    import pyarrow.fs as pafs
-    import torch
-    from ray.train import Checkpoint
+@dataclass(frozen=True)
+class Worker:
+    """What every step of one rank needs."""
 
-    fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    parent = os.path.dirname(path)
-    for info in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-            continue
-        try:
-            with fs.open_input_stream(f"{info.path}/{META_FILE}") as f:
-                meta = json.loads(f.read().decode("utf-8"))
-        except (OSError, ValueError):
-            continue
-        if meta.get("epoch") == epoch and not meta.get("final"):
-            with Checkpoint(info.path, fs).as_directory() as d:
-                return torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
-    return None
+    cfg: TrainConfig
+    task: Task
+    rank: int
+    world: int
+    device: torch.device
+    audit: Audit
+    precision: Precision
+
+    def print(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
 
 
-# ------------------------------------------------------------------ worker loop ----
-def _autocast(cfg: TrainConfig, device):
-    import torch
-
-    if device.type != "cuda":
-        return (torch.bfloat16 if cfg.precision == "bf16" else None), None
-    if cfg.precision == "fp32":
-        return None, None
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported())
-    if bf16:
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
-
-
-def _maybe_fault(fault: dict | None, epoch: int, rank: int) -> None:
-    """Testing hook: rank 0 fails once after `fault["after_epoch"]` (a marker file makes it once;
-    Ray Train then stops the whole worker group). `fault["mode"]`: "raise" (default, an
-    exception) or "exit" (the worker process dies, as on a lost node or an OOM kill). "exit"
-    first waits `exit_delay_s` (default 5): Train's controller collects reports every 2 s
-    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and a report not yet collected when its worker dies is
-    lost, so the run would resume from the checkpoint before it."""
-    if fault and rank == 0 and epoch == fault["after_epoch"] and not os.path.exists(fault["marker"]):
-        Path(fault["marker"]).write_text("failed once\n")
-        if fault.get("mode") == "exit":
-            time.sleep(float(fault.get("exit_delay_s", 5.0)))
-            os._exit(1)
-        raise RuntimeError(f"injected fault after epoch {epoch}")
-
-
-def diverged_report(epoch: int, mean: dict, lr: float) -> dict:
-    """The report that ends a run whose epoch loss is NaN/inf: `diverged: True`, no checkpoint.
-    `select_metric` is 0.0 (a diverged model is worth nothing to the search; Tune's schedulers
-    need the key), the loss terms are reported as they were."""
-    return {"epoch": epoch, "train_loss": mean["loss"], "ce_loss": mean["ce_loss"],
-            "vc_loss": mean["vc_loss"], "grad_norm": mean["grad_norm"], "lr": lr,
-            "select_metric": 0.0, "diverged": True, "final": False}
-
-
-def train_fn_per_worker(config: dict) -> None:
-    """Ray Train worker loop. config: {"train": TrainConfig dict, "dataset_path": str,
-    "steps_per_epoch": int, "fault": None | test hook}. Every rank reports every epoch; only
-    rank 0 passes checkpoints. Resumes from the latest checkpoint after a failure."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from regft import engine
-    from regft.distributed import all_reduce_sum, gather_features, gather_rows, rank_and_world
-    from regft.ensemble import interpolate
-    from regft.export import architecture_or_none
-    from regft.metrics import diversity_scores
-    from regft.models import build_classifier, create_clip
-    from regft.realdata import Audit, Sealed, open_real_split
-    from regft.store import TorchImageDataset
-
-    cfg = TrainConfig.from_dict(config["train"], where="train_loop_config.train")
-    dataset_path, n_steps = config["dataset_path"], int(config["steps_per_epoch"])
+def setup_worker(wc: WorkerConfig) -> Worker:
+    cfg = TrainConfig.from_dict(wc.train, where="train_loop_config.train")
     rank, world = rank_and_world()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    audit = Audit(cfg.audit_log, rank)
-    task = resolve_train_task(cfg)
+    return Worker(cfg=cfg, task=resolve_train_task(cfg), rank=rank, world=world, device=device,
+                  audit=Audit(cfg.audit_log, rank), precision=precision_for(cfg.precision, device))
 
-    # zero-shot model (theta_0), identical on every rank: seeded init + text-built head
-    bundle = create_clip(cfg.model, cfg.pretrained, seed=cfg.seed, device=device)
-    classifier = build_classifier(bundle, task, device=device)
-    train_tf = engine.split_clip_transform(bundle.preprocess_train)
-    eval_tf = engine.split_clip_transform(bundle.preprocess_eval)
-    if repr(train_tf.pil) != config["train_pil"]:  # the Data pipeline's augmentation is this model's
-        _rank0_print(f"warning: the data pipeline augments with {config['train_pil']}, but "
-                     f"{cfg.model}/{cfg.pretrained} preprocesses with {train_tf.pil!r}")
-    image_size = bundle.image_size
-    architecture = architecture_or_none(bundle)  # recorded with the final weights (regft.export)
-    del bundle  # the text tower is no longer needed
-    theta_0 = engine.state_dict_cpu(classifier)
-    autocast_dtype, scaler = _autocast(cfg, device)
 
-    # eval splits: each rank holds every world-th item; results are summed over ranks
-    def eval_set(dataset):
-        share = range(rank, len(dataset), world)
+@dataclass(frozen=True)
+class ZeroShot:
+    """theta_0, identical on every rank (seeded init + text-built head), and its preprocessing."""
+
+    classifier: ImageClassifier
+    theta_0: StateDict
+    train_tf: SplitTransform
+    eval_tf: SplitTransform
+    image_size: int
+    architecture: dict | None  # recorded with the final weights (regft.export)
+
+
+def build_zero_shot(w: Worker, expected_train_pil: str) -> ZeroShot:
+    bundle = create_clip(w.cfg.model, w.cfg.pretrained, seed=w.cfg.seed, device=w.device)
+    classifier = build_classifier(bundle, w.task, device=w.device)
+    train_tf = split_clip_transform(bundle.preprocess_train)
+    if repr(train_tf.pil) != expected_train_pil:  # the Data pipeline's augmentation is this model's
+        w.print(f"warning: the data pipeline augments with {expected_train_pil}, but "
+                f"{w.cfg.model}/{w.cfg.pretrained} preprocesses with {train_tf.pil!r}")
+    return ZeroShot(classifier=classifier, theta_0=state_dict_cpu(classifier), train_tf=train_tf,
+                    eval_tf=split_clip_transform(bundle.preprocess_eval),
+                    image_size=bundle.image_size, architecture=architecture_or_none(bundle))
+
+
+class Evaluator:
+    """The evaluation splits of one rank: each rank holds every world-th item, counts are summed
+    over ranks. The real test split stays sealed until `open_real_test` (after selection)."""
+
+    def __init__(self, w: Worker, dataset_path: str, zs: ZeroShot):
+        self.w, self.tf, self.image_size = w, zs.eval_tf, zs.image_size
+        cfg, task, to_uint8 = w.cfg, w.task, zs.eval_tf.to_uint8
+        self.sets = {"synthetic_val": self._share(
+            TorchImageDataset(dataset_path, "val", to_uint8, cfg.val_fraction))}
+        if cfg.real_val:
+            self.sets["real_val"] = self._share(open_real_split(task, cfg.real_val, "val", to_uint8))
+        self.real_test = None
+        if cfg.real_test or task.real_test == SHAPES_REAL:
+            self.real_test = Sealed("real_test", lambda: open_real_split(task, cfg.real_test, "test",
+                                                                         to_uint8), w.audit)
+
+    def _share(self, dataset) -> EvalSet:
+        share = range(self.w.rank, len(dataset), self.w.world)
         # decoded uint8 images are cached (evaluated once per epoch / alpha) unless too big
-        cache = len(share) * 3 * image_size**2 <= EVAL_CACHE_BYTES
-        return engine.EvalSet(dataset, share, cfg.eval_batch_size, cache=cache)
+        cache = len(share) * 3 * self.image_size**2 <= EVAL_CACHE_BYTES
+        return EvalSet(dataset, share, self.w.cfg.eval_batch_size, cache=cache)
 
-    eval_sets = {"synthetic_val": eval_set(
-        TorchImageDataset(dataset_path, "val", eval_tf.to_uint8, cfg.val_fraction))}
-    if cfg.real_val:
-        eval_sets["real_val"] = eval_set(open_real_split(task, cfg.real_val, "val", eval_tf.to_uint8))
-    real_test = None
-    if cfg.real_test or task.real_test == "shapes:real":
-        real_test = Sealed(
-            "real_test", lambda: open_real_split(task, cfg.real_test, "test", eval_tf.to_uint8), audit)
+    @property
+    def splits(self) -> list[str]:
+        return list(self.sets)
 
-    def evaluate_split(module, name, keep_features=False):
-        res = engine.evaluate(module, eval_sets[name].batches(device, eval_tf.mean, eval_tf.std),
-                              autocast_dtype=autocast_dtype, keep_features=keep_features)
+    def accuracy_and_features(self, module, split: str, keep_features: bool = False):
+        """(accuracy over all ranks, the embeddings of all ranks or None)."""
+        device = self.w.device
+        res = evaluate(module, self.sets[split].batches(device, self.tf.mean, self.tf.std),
+                       autocast_dtype=self.w.precision.autocast_dtype, keep_features=keep_features)
         correct, total = all_reduce_sum([res.correct, res.total], device)
         feats = None
         if keep_features and res.features is not None:
             feats = gather_rows(res.features.to(device)).cpu()
         return (correct / total if total else float("nan")), feats
 
-    # training state
-    model = ray.train.torch.prepare_model(classifier)  # DDP when world > 1
+    def accuracy(self, module, split: str) -> float:
+        return self.accuracy_and_features(module, split)[0]
+
+    def size(self, split: str) -> int:
+        return int(all_reduce_sum([len(self.sets[split])], self.w.device)[0])
+
+    def open_real_test(self) -> None:
+        """Now, and only now (alpha is chosen), the real test split may be read."""
+        if self.real_test is not None:
+            self.real_test.unseal()
+            self.sets["real_test"] = self._share(self.real_test.dataset)
+
+
+def build_optimization(w: Worker, zs: ZeroShot, steps_per_epoch: int):
+    """(model (DDP when world > 1), its module, optimizer, per-step scheduler)."""
+    model = ray.train.torch.prepare_model(zs.classifier)
     module = model.module if hasattr(model, "module") else model
-    optimizer = engine.build_optimizer(model, cfg.lr, cfg.weight_decay)
-    total_steps = max(1, n_steps * cfg.epochs)
-    scheduler = engine.build_scheduler(optimizer, cfg.warmup_steps, total_steps)
-    start_epoch, best = 0, {"value": -math.inf, "epoch": 0}
-    theta_1 = None
+    optimizer = build_optimizer(model, w.cfg.lr, w.cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, w.cfg.warmup_steps, max(1, steps_per_epoch * w.cfg.epochs))
+    return model, module, optimizer, scheduler
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # resume (Train retry or a restarted Tune trial)
-        with checkpoint.as_directory() as d:
-            state, meta = load_checkpoint(d)
-            if meta.get("final"):  # the run had finished: repeat its final report
-                ray.train.report(meta["metrics"])
-                return
-            ts = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        module.load_state_dict(state)
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        if scaler is not None and ts.get("scaler"):
-            scaler.load_state_dict(ts["scaler"])
-        start_epoch, best = int(meta["epoch"]), dict(ts["best"])
-        theta_1 = state if best["epoch"] == start_epoch else _sibling_checkpoint_state(
-            checkpoint, best["epoch"])
-        if theta_1 is None:
-            raise RuntimeError(f"resume: the checkpoint of best epoch {best['epoch']} is missing")
-        audit.record("resume", epoch=start_epoch, best_epoch=best["epoch"])
-        _rank0_print(f"resumed after epoch {start_epoch} (best so far: epoch {best['epoch']})")
 
-    shard = ray.train.get_dataset_shard("train")
-    per_worker = cfg.batch_size // world
-    gather = gather_features if world > 1 else None
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        model.train()
-        sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in engine.STEP_KEYS}
-        n_batches, n_images, lr = 0, 0, optimizer.param_groups[0]["lr"]
-        t0 = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
-                                              prefetch_batches=2):
-            images = engine.normalize_uint8(batch["image"], train_tf.mean, train_tf.std)
-            out = engine.train_step(model, (images, batch["label"]), optimizer, scheduler,
-                                    vc_weight=cfg.vc_weight, vc_cov_ratio=cfg.vc_cov_ratio,
-                                    grad_clip=cfg.grad_clip, autocast_dtype=autocast_dtype,
-                                    scaler=scaler, gather_fn=gather)
-            for k in engine.STEP_KEYS:
-                sums[k] += out[k].to(device)
-            lr = float(out["lr"])
-            n_batches += 1
-            n_images += images.shape[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        totals = all_reduce_sum([n_batches, n_images, elapsed] + [sums[k].item() for k in engine.STEP_KEYS],
-                                device)
-        g_batches, g_images, g_elapsed = totals[0], totals[1], totals[2] / world
-        mean = {k: totals[3 + i] / max(g_batches, 1) for i, k in enumerate(engine.STEP_KEYS)}
-        if n_batches == 0:
-            raise UserError(f"epoch {epoch}: no training batch (the train split has fewer than "
-                            f"batch_size={cfg.batch_size} images per step); lower batch_size")
-        if not math.isfinite(mean["loss"]):
-            # diverged: every rank sees the same all-reduced mean, so all ranks stop here; no
-            # checkpoint of NaN weights is written, and a retry would only diverge again
-            _rank0_print(f"epoch {epoch}/{cfg.epochs}: training diverged (loss {mean['loss']}) at "
-                         f"lr {cfg.lr:g}; stopping this run (diverged=True)")
-            ray.train.report(diverged_report(epoch, mean, lr))
-            return
+@dataclass
+class Progress:
+    """What a checkpoint restores besides the weights: the last finished epoch and the best one
+    so far (by the selection split) with its weights, theta_1."""
 
-        syn_acc, feats = evaluate_split(module, "synthetic_val", keep_features=True)
-        metrics = {
-            "epoch": epoch,
-            "train_loss": mean["loss"], "ce_loss": mean["ce_loss"], "vc_loss": mean["vc_loss"],
-            "vc_variance": mean["vc_variance"], "vc_covariance": mean["vc_covariance"],
-            "grad_norm": mean["grad_norm"], "lr": lr,
-            "images_per_s": g_images / g_elapsed if g_elapsed > 0 else float("nan"),
-            "synthetic_val_acc": syn_acc,
-        }
-        if "real_val" in eval_sets:
-            metrics["real_val_acc"] = evaluate_split(module, "real_val")[0]
-        metrics.update(diversity_scores(feats) if feats is not None and len(feats) > 1 else
-                       {"div_magnitude": float("nan"), "div_direction": float("nan"),
-                        "effective_rank": float("nan")})
-        metrics["select_metric"] = metrics[f"{cfg.selection_metric}_acc"]
+    start_epoch: int = 0
+    best_value: float = -math.inf
+    best_epoch: int = 0
+    theta_1: StateDict | None = None
+
+    def observe(self, epoch: int, value: float, model) -> None:
         # ties go to the later epoch, as in Ray's retention of equal-scored checkpoints (so the
         # best epoch's checkpoint is always kept for a resume)
-        if metrics["select_metric"] >= best["value"]:
-            best = {"value": metrics["select_metric"], "epoch": epoch}
-            theta_1 = engine.state_dict_cpu(model)
-        _rank0_print(
-            f"epoch {epoch}/{cfg.epochs} [train] loss {metrics['train_loss']:.4f} (ce "
-            f"{metrics['ce_loss']:.4f}, vc {metrics['vc_loss']:.4f}) lr {lr:.3g} "
-            f"{metrics['images_per_s']:.1f} img/s | [synthetic_val] acc {syn_acc:.4f}"
-            + (f" | [real_val] acc {metrics['real_val_acc']:.4f}" if "real_val_acc" in metrics else "")
-            + f" | select ({cfg.selection_metric}) {metrics['select_metric']:.4f}")
-        train_state = {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {}, "best": best,
-        }
-        _report(rank, metrics, engine.state_dict_cpu(model) if rank == 0 else None,
-                {"epoch": epoch, "final": False, "task": task.name, "classnames": list(task.classnames),
-                 "model": cfg.model, "pretrained": cfg.pretrained, "metrics": metrics},
-                train_state)
-        _maybe_fault(config["fault"], epoch, rank)
+        if value >= self.best_value:
+            self.best_value, self.best_epoch, self.theta_1 = value, epoch, state_dict_cpu(model)
 
-    # ---- weight-space ensemble: select alpha on the selection split only ----
-    select = cfg.selection_metric
-    alphas = [float(a) for a in cfg.alpha_grid]
-    curve = engine.alpha_sweep(theta_0, theta_1, module, lambda m: evaluate_split(m, select)[0], alphas)
-    n_select = int(all_reduce_sum([len(eval_sets[select])], device)[0])
-    best_alpha = engine.select_alpha(curve, cfg.alpha_rule, n_val=n_select)
-    audit.record("selection_final", best_epoch=best["epoch"], best_alpha=best_alpha)
-    _rank0_print(f"alpha curve [{select}]: " + ", ".join(f"{a:.2f}:{v:.4f}" for a, v in curve)
-                 + f" -> alpha {best_alpha:.2f} (epoch {best['epoch']}, {cfg.alpha_rule} rule on "
-                 f"{select}, {n_select} images)")
-
-    # ---- report-only numbers: now, and only now, the real test split may be opened ----
-    if real_test is not None:
-        real_test.unseal()
-        eval_sets["real_test"] = eval_set(real_test.dataset)
-    done = {(a, select): v for a, v in curve}
-    final = {"epoch": cfg.epochs, "best_epoch": best["epoch"], "best_alpha": best_alpha,
-             "alpha_curve": [[a, v] for a, v in curve], "selection_metric": select,
-             "alpha_rule": cfg.alpha_rule, "select_metric": done[(best_alpha, select)], "final": True}
-    if cfg.report_alpha_curves:  # alpha is already chosen: these curves are reported only
-        for split in eval_sets:
-            if split != select:
-                other = engine.alpha_sweep(theta_0, theta_1, module,
-                                           lambda m, s=split: evaluate_split(m, s)[0], alphas)
-                done.update({(a, split): v for a, v in other})
-                final[f"alpha_curve_{split}"] = [[a, v] for a, v in other]
-    for prefix, alpha in (("zs", 0.0), ("ft", 1.0), ("ens", best_alpha)):
-        module.load_state_dict(interpolate(theta_0, theta_1, alpha))
-        for split in eval_sets:
-            acc = done.get((alpha, split))
-            if acc is None:
-                acc = evaluate_split(module, split)[0]
-                done[(alpha, split)] = acc
-            final[f"{prefix}_{split}_acc"] = acc
-    for split in eval_sets:
-        _rank0_print(f"[{split}] zero-shot {final[f'zs_{split}_acc']:.4f} | fine-tuned "
-                     f"{final[f'ft_{split}_acc']:.4f} | ensemble(alpha={best_alpha:.2f}) "
-                     f"{final[f'ens_{split}_acc']:.4f}"
-                     + (" (reported only, never used to select)" if split == "real_test" else ""))
-    ensemble = interpolate(theta_0, theta_1, best_alpha) if rank == 0 else None
-    _report(rank, final, ensemble,
-            {"epoch": cfg.epochs, "final": True, "alpha": best_alpha, "task": task.name,
-             "classnames": list(task.classnames), "model": cfg.model, "pretrained": cfg.pretrained,
-             "architecture": architecture, "metrics": final}, None)
+    def train_state(self, optimizer, scheduler, precision: Precision) -> dict:
+        """train_state.pt of an epoch checkpoint (weights_only-loadable)."""
+        scaler = precision.scaler
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "best": {"value": self.best_value, "epoch": self.best_epoch}}
 
 
-def _report(rank: int, metrics: dict, state_dict: dict | None, meta: dict, train_state: dict | None):
-    import ray.train
+def restore(w: Worker, checkpoint, module, optimizer, scheduler) -> Progress | FinalReport:
+    """Resume from Train's latest checkpoint (a Train retry or a restarted Tune trial): the run's
+    FinalReport if it had finished, else the restored Progress (a fresh one without checkpoint)."""
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as d:
+        state, meta = ckpt.load(d)
+        if meta.final:
+            return meta.metrics
+        ts = ckpt.load_train_state(d)
+    module.load_state_dict(state)
+    optimizer.load_state_dict(ts["optimizer"])
+    scheduler.load_state_dict(ts["scheduler"])
+    if w.precision.scaler is not None and ts["scaler"]:
+        w.precision.scaler.load_state_dict(ts["scaler"])
+    best = ts["best"]
+    progress = Progress(start_epoch=meta.epoch, best_value=best["value"], best_epoch=best["epoch"])
+    progress.theta_1 = state if progress.best_epoch == meta.epoch else _sibling_checkpoint_state(
+        checkpoint, progress.best_epoch)
+    if progress.theta_1 is None:
+        raise RuntimeError(f"resume: the checkpoint of best epoch {progress.best_epoch} is missing")
+    w.audit.record("resume", epoch=progress.start_epoch, best_epoch=progress.best_epoch)
+    w.print(f"resumed after epoch {progress.start_epoch} (best so far: epoch {progress.best_epoch})")
+    return progress
 
-    if rank != 0:
-        ray.train.report(metrics)
+
+def _sibling_checkpoint_state(checkpoint, epoch: int) -> StateDict | None:
+    """The weights of the checkpoint of `epoch` in the same run folder (resume: best epoch)."""
+    fs, run_dir = checkpoint.filesystem, os.path.dirname(checkpoint.path.rstrip("/"))
+    folder = ckpt.find_epoch(fs, run_dir, epoch)
+    return None if folder is None else ckpt.load_weights(fs, folder)
+
+
+def shard_batches(w: Worker, shard, train_tf: SplitTransform) -> Iterator[Batch]:
+    """This rank's equal share (`shard`, a Ray DataIterator) of one epoch of the stream,
+    normalised on the worker's device."""
+    for batch in shard.iter_torch_batches(batch_size=w.cfg.batch_size // w.world, drop_last=True,
+                                          prefetch_batches=PREFETCH_BATCHES):
+        yield normalize_uint8(batch["image"], train_tf.mean, train_tf.std), batch["label"]
+
+
+def train_one_epoch(w: Worker, shard, model, optimizer, scheduler, train_tf: SplitTransform) -> EpochStats:
+    return train_epoch(model, shard_batches(w, shard, train_tf), optimizer, scheduler,
+                       vc_weight=w.cfg.vc_weight, vc_cov_ratio=w.cfg.vc_cov_ratio,
+                       grad_clip=w.cfg.grad_clip, precision=w.precision,
+                       gather_fn=gather_features if w.world > 1 else None, device=w.device)
+
+
+def diverged_report(epoch: int, stats: EpochStats) -> DivergedReport:
+    m = stats.mean
+    return DivergedReport(epoch=epoch, train_loss=m["loss"], ce_loss=m["ce_loss"],
+                          vc_loss=m["vc_loss"], grad_norm=m["grad_norm"], lr=stats.lr)
+
+
+def epoch_report(w: Worker, epoch: int, stats: EpochStats, ev: Evaluator, module) -> EpochReport:
+    """Evaluate the epoch's weights on the validation splits (synthetic_val with its embeddings,
+    for the diversity scores) and report them with the epoch's training statistics."""
+    syn_acc, feats = ev.accuracy_and_features(module, "synthetic_val", keep_features=True)
+    real_val = ev.accuracy(module, "real_val") if "real_val" in ev.sets else None
+    diversity = (diversity_scores(feats) if feats is not None and len(feats) > 1 else
+                 {"div_magnitude": math.nan, "div_direction": math.nan, "effective_rank": math.nan})
+    by_split = {"synthetic_val": syn_acc, "real_val": real_val}
+    m = stats.mean
+    return EpochReport(
+        epoch=epoch, train_loss=m["loss"], ce_loss=m["ce_loss"], vc_loss=m["vc_loss"],
+        vc_variance=m["vc_variance"], vc_covariance=m["vc_covariance"], grad_norm=m["grad_norm"],
+        lr=stats.lr, images_per_s=stats.images_per_s, synthetic_val_acc=syn_acc,
+        real_val_acc=real_val, **diversity, select_metric=by_split[w.cfg.selection_metric])
+
+
+def print_epoch(w: Worker, r: EpochReport) -> None:
+    w.print(f"epoch {r.epoch}/{w.cfg.epochs} [train] loss {r.train_loss:.4f} (ce {r.ce_loss:.4f}, "
+            f"vc {r.vc_loss:.4f}) lr {r.lr:.3g} {r.images_per_s:.1f} img/s | [synthetic_val] acc "
+            f"{r.synthetic_val_acc:.4f}"
+            + (f" | [real_val] acc {r.real_val_acc:.4f}" if r.real_val_acc is not None else "")
+            + f" | select ({w.cfg.selection_metric}) {r.select_metric:.4f}")
+
+
+def meta_for(w: Worker, report: EpochReport | FinalReport, *, alpha: float | None = None,
+             architecture: dict | None = None) -> CheckpointMeta:
+    final = isinstance(report, FinalReport)
+    return CheckpointMeta(epoch=report.epoch, final=final, task=w.task.name,
+                          classnames=list(w.task.classnames), model=w.cfg.model,
+                          pretrained=w.cfg.pretrained, metrics=report, alpha=alpha,
+                          architecture=architecture)
+
+
+def choose_worker_alpha(w: Worker, ev: Evaluator, zs: ZeroShot, progress: Progress, module) -> AlphaChoice:
+    """Alpha on the selection split only (the real test split is still sealed)."""
+    split = w.cfg.selection_metric
+    choice = choose_alpha(zs.theta_0, progress.theta_1, module, lambda m: ev.accuracy(m, split),
+                          w.cfg.alpha_grid, rule=w.cfg.alpha_rule, n_images=ev.size(split), split=split)
+    w.audit.record("selection_final", best_epoch=progress.best_epoch, best_alpha=choice.alpha)
+    w.print(f"alpha curve [{split}]: " + ", ".join(f"{a:.2f}:{v:.4f}" for a, v in choice.curve)
+            + f" -> alpha {choice.alpha:.2f} (epoch {progress.best_epoch}, {choice.rule} rule on "
+            f"{split}, {choice.n_images} images)")
+    return choice
+
+
+def report_only_numbers(w: Worker, ev: Evaluator, zs: ZeroShot, progress: Progress,
+                        choice: AlphaChoice, module) -> FinalReport:
+    """The final report: alpha is chosen, so the real test split is opened; every split's curve
+    (when report_alpha_curves) and its zero-shot / fine-tuned / ensemble accuracy."""
+    ev.open_real_test()
+    accuracy_at = {(a, choice.split): v for a, v in choice.curve}  # (alpha, split) -> accuracy
+    curves = {choice.split: choice.curve}
+    alphas = [float(a) for a in w.cfg.alpha_grid]
+    if w.cfg.report_alpha_curves:  # alpha is already chosen: these curves are reported only
+        for split in ev.splits:
+            if split != choice.split:
+                curves[split] = alpha_sweep(zs.theta_0, progress.theta_1, module,
+                                            lambda m, s=split: ev.accuracy(m, s), alphas)
+                accuracy_at.update({(a, split): v for a, v in curves[split]})
+    for alpha in (0.0, 1.0, choice.alpha):  # zero-shot, fine-tuned, ensemble
+        module.load_state_dict(interpolate(zs.theta_0, progress.theta_1, alpha))
+        for split in ev.splits:
+            if (alpha, split) not in accuracy_at:
+                accuracy_at[(alpha, split)] = ev.accuracy(module, split)
+    accuracy = {s: SplitNumbers(*(accuracy_at[(a, s)] for a in (0.0, 1.0, choice.alpha)))
+                for s in ev.splits}
+    for split, n in accuracy.items():
+        w.print(f"[{split}] zero-shot {n.zero_shot:.4f} | fine-tuned {n.fine_tuned:.4f} | "
+                f"ensemble(alpha={choice.alpha:.2f}) {n.ensemble:.4f}"
+                + (" (reported only, never used to select)" if split == "real_test" else ""))
+    return FinalReport(epoch=w.cfg.epochs, best_epoch=progress.best_epoch, best_alpha=choice.alpha,
+                       selection_metric=choice.split, alpha_rule=choice.rule,
+                       select_metric=choice.value, curves=curves, accuracy=accuracy)
+
+
+def send(w: Worker, report: Report, state_dict: StateDict | None = None,
+         meta: CheckpointMeta | None = None, train_state: dict | None = None) -> None:
+    """ray.train.report on every rank; rank 0 attaches the checkpoint when one is given."""
+    if w.rank != 0 or meta is None:
+        ray.train.report(report.to_dict())
         return
     with tempfile.TemporaryDirectory(prefix="regft-ckpt-") as d:
-        save_checkpoint(d, state_dict, meta, train_state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        ckpt.save(d, state_dict, meta, train_state)
+        ray.train.report(report.to_dict(), checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+# --------------------------------------------------------------------- the worker ----
+def train_fn_per_worker(config: dict) -> None:
+    """Ray Train worker loop (`config`: WorkerConfig as a dict). Every rank reports every epoch;
+    only rank 0 passes checkpoints. Resumes from the latest checkpoint after a failure."""
+    wc = from_dict(WorkerConfig, config, where="train_loop_config")
+    w = setup_worker(wc)
+    zs = build_zero_shot(w, wc.train_pil)
+    ev = Evaluator(w, wc.dataset_path, zs)
+    model, module, optimizer, scheduler = build_optimization(w, zs, wc.steps_per_epoch)
+    progress = restore(w, ray.train.get_checkpoint(), module, optimizer, scheduler)
+    if isinstance(progress, FinalReport):  # the run had finished: repeat its final report
+        ray.train.report(progress.to_dict())
+        return
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(progress.start_epoch + 1, w.cfg.epochs + 1):
+        stats = train_one_epoch(w, shard, model, optimizer, scheduler, zs.train_tf)
+        if stats.batches == 0:
+            raise UserError(f"epoch {epoch}: no training batch (the train split has fewer than "
+                            f"batch_size={w.cfg.batch_size} images per step); lower batch_size")
+        if stats.diverged:
+            # every rank sees the same all-reduced mean, so all ranks stop here; no checkpoint of
+            # NaN weights is written, and a retry would only diverge again
+            w.print(f"epoch {epoch}/{w.cfg.epochs}: training diverged (loss {stats.mean['loss']}) "
+                    f"at lr {w.cfg.lr:g}; stopping this run (diverged=True)")
+            send(w, diverged_report(epoch, stats))
+            return
+        report = epoch_report(w, epoch, stats, ev, module)
+        progress.observe(epoch, report.select_metric, model)
+        print_epoch(w, report)
+        send(w, report, state_dict_cpu(model) if w.rank == 0 else None, meta_for(w, report),
+             progress.train_state(optimizer, scheduler, w.precision))
+        faults.after_epoch(wc.fault, epoch, w.rank)
+    choice = choose_worker_alpha(w, ev, zs, progress, module)
+    final = report_only_numbers(w, ev, zs, progress, choice, module)
+    ensemble = interpolate(zs.theta_0, progress.theta_1, choice.alpha) if w.rank == 0 else None
+    send(w, final, ensemble, meta_for(w, final, alpha=choice.alpha, architecture=zs.architecture))
 
 
 # ----------------------------------------------------------------------- driver ----
 def check_dataset(cfg: TrainConfig, dataset_path: str) -> list[str]:
     """Problems with the generated dataset for this config (missing, other classes)."""
-    from regft.store import load_manifest
-
     try:
-        manifest = load_manifest(dataset_path)
+        manifest = st.load_manifest(dataset_path)
     except (FileNotFoundError, OSError, ValueError) as e:
         return [f"dataset {dataset_path}: {e} (generate it with python -m regft.generate)"]
     if not manifest.get("complete"):
         return [f"dataset {dataset_path}: generation has not finished; re-run the same "
                 "python -m regft.generate command to complete it"]
     task = resolve_train_task(cfg)
-    names = manifest.get("classnames")
-    if names is None and isinstance(manifest.get("task"), dict):
-        names = manifest["task"].get("classnames")
+    names = manifest["task"].get("classnames") if isinstance(manifest.get("task"), dict) else None
     if names and list(names) not in (list(task.classnames), list(task.gen_names)):
         return [f"dataset {dataset_path}: its {len(names)} classes are not the "
                 f"{task.num_classes} classes of task {task.name!r} in label order"]
     return []
-
-
-def real_split_problems(task, path: str | None, split: str) -> list[str]:
-    """Open one real split's file list and labels (never pixels): a missing folder, classes
-    that are not the task's, or an empty split fail here, before any work."""
-    from regft.realdata import SHAPES_REAL, open_real_split
-
-    if path is None or (split == "test" and path == SHAPES_REAL == task.real_test):
-        return []  # nothing given, or the testbed's rendered split (nothing to check)
-    try:
-        ds = open_real_split(task, path, split)
-    except ValueError as e:
-        return [str(e)]
-    return [f"--real-{split} {path}: no images"] if ds is not None and len(ds) == 0 else []
-
-
-def check_real_data(cfg: TrainConfig) -> list[str]:
-    """Both real splits of a training config (see `real_split_problems`)."""
-    task = resolve_train_task(cfg)
-    return real_split_problems(task, cfg.real_test, "test") + real_split_problems(task, cfg.real_val, "val")
 
 
 def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dict | None = None):
@@ -629,12 +661,9 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
     `run_config`: a ray.train.RunConfig (name it from an id, no timestamps, so a restarted run or
     Tune trial resumes). Its checkpoint_config is set here (best `keep_checkpoints` by
     `select_metric`) unless the caller set one. With `run_config.failure_config.max_failures`
-    > 0 a failed run resumes from its latest checkpoint. `fault` is a test hook
-    ({"after_epoch": n, "marker": path}: fail once after epoch n).
+    > 0 a failed run resumes from its latest checkpoint. `fault` is a test hook (regft.faults:
+    {"after_epoch": n, "marker": path, "mode": "raise" | "exit"}: fail once after epoch n).
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     problems = cfg.validate()
     if problems:
         raise UserError(problems)
@@ -657,9 +686,10 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
         resources["GPU"] = cfg.gpus_per_worker
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "dataset_path": dataset_path,
-                           "steps_per_epoch": steps, "fault": fault,
-                           "train_pil": repr(train_tf.pil)},
+        train_loop_config=dataclasses.asdict(WorkerConfig(
+            train=cfg.to_dict(), dataset_path=dataset_path, steps_per_epoch=steps,
+            fault=None if fault is None else dataclasses.asdict(faults.Fault.from_dict(fault)),
+            train_pil=repr(train_tf.pil))),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
@@ -679,17 +709,19 @@ def run_name(cfg: TrainConfig, dataset_path: str) -> str:
 
 @dataclass
 class RunResult:
-    metrics: dict
+    metrics: dict  # the last report's wire dict (what --json writes)
     checkpoint_path: str | None
     run_path: str
+
+    @property
+    def report(self) -> Report:
+        return parse_result(self.metrics, where="the run's last report")
 
 
 def run(cfg: TrainConfig, dataset_path: str, storage: str | None = None, name: str | None = None,
         check_cluster: bool = True, max_failures: int = 0, fault: dict | None = None) -> RunResult:
     """Validate everything, fine-tune with Ray Train, return the final metrics and checkpoint.
     Ray must be initialised (the CLI does it)."""
-    import ray.train
-
     problems = cfg.validate()
     if not problems:
         problems += check_dataset(cfg, dataset_path) + check_real_data(cfg)
@@ -703,25 +735,25 @@ def run(cfg: TrainConfig, dataset_path: str, storage: str | None = None, name: s
     result = build_trainer(cfg, dataset_path, run_config, fault=fault).fit()
     if result.error:
         raise result.error
-    ckpt = result.checkpoint
-    return RunResult(metrics=dict(result.metrics or {}), checkpoint_path=ckpt.path if ckpt else None,
+    last = result.checkpoint
+    return RunResult(metrics=dict(result.metrics or {}), checkpoint_path=last.path if last else None,
                      run_path=result.path)
 
 
-def final_table(metrics: dict) -> str:
-    alpha = metrics.get("best_alpha", float("nan"))
-    select = metrics.get("selection_metric", "synthetic_val")
+def final_table(report: FinalReport) -> str:
+    """The zero-shot / fine-tuned / ensemble accuracy of every evaluated split."""
+    select, alpha = report.selection_metric, report.best_alpha
     head = f"{'split':<15}{'zero-shot':>11}{'fine-tuned':>12}{f'ens a={alpha:.2f}':>12}"
     lines = [head, "-" * len(head)]
     for split in SPLITS:
-        vals = [metrics.get(f"{p}_{split}_acc") for p in ("zs", "ft", "ens")]
-        if all(v is None for v in vals):
+        if split not in report.accuracy:
             continue
-        cells = [f"{v:.4f}" if isinstance(v, (int, float)) and not math.isnan(v) else "-" for v in vals]
+        vals = [report.acc(p, split) for p in ("zs", "ft", "ens")]
+        cells = [f"{v:.4f}" if not math.isnan(v) else "-" for v in vals]
         note = "  <- selects epoch and alpha" if split == select else (
             "  (reported only)" if split == "real_test" else "")
         lines.append(f"{split:<15}{cells[0]:>11}{cells[1]:>12}{cells[2]:>12}{note}")
-    lines.append(f"fine-tuned = best epoch ({metrics.get('best_epoch')}) by {select}; "
+    lines.append(f"fine-tuned = best epoch ({report.best_epoch}) by {select}; "
                  f"alpha selected on {select}")
     return "\n".join(lines)
 
@@ -730,9 +762,6 @@ def final_table(metrics: dict) -> str:
 def resolve_dataset(arg: str | None, cfg: TrainConfig, store: str | None) -> str:
     """--dataset: a dataset folder/URI, or a dataset id in the store; none: generate (or reuse)
     the task's dataset with regft.generate's defaults (the paper's generator)."""
-    from regft import store as st
-    from regft.generate import GenerationConfig, ensure_dataset
-
     gen = GenerationConfig(task=cfg.task, classnames_file=cfg.classnames, store=store,
                            max_classes=cfg.max_classes)
     if arg:
@@ -794,8 +823,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from regft.ensemble import EnsembleError, alpha_grid
-
     try:
         grid = alpha_grid(args.alpha_step)
     except EnsembleError as e:
@@ -819,25 +846,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.name:  # a folder under --storage
-        from regft.tasks import unsafe_name_problem
-
         if unsafe_name_problem(args.name, "--name"):
             raise UserError(unsafe_name_problem(args.name, "--name"))
     cfg = config_from_args(args)
-    from regft import raylocal
-
     raylocal.init(args.address)
     dataset_path = resolve_dataset(args.dataset, cfg, args.store)
     result = run(cfg, dataset_path, storage=args.storage, name=args.name,
                  max_failures=args.max_failures)
-    if result.metrics.get("diverged"):
-        print(f"error: training diverged at epoch {result.metrics.get('epoch')} (loss "
-              f"{result.metrics.get('train_loss')}); lower --lr or raise --warmup-steps",
-              file=sys.stderr)
+    report = result.report
+    if isinstance(report, DivergedReport):
+        print(f"error: training diverged at epoch {report.epoch} (loss {report.train_loss}); "
+              "lower --lr or raise --warmup-steps", file=sys.stderr)
         return 1
-    print(final_table(result.metrics))
-    print(f"checkpoint (ensemble weights, alpha={result.metrics.get('best_alpha')}): "
-          f"{result.checkpoint_path}")
+    print(final_table(report))
+    print(f"checkpoint (ensemble weights, alpha={report.best_alpha}): {result.checkpoint_path}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result.metrics, indent=1, default=float))
     return 0

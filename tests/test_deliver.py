@@ -72,12 +72,12 @@ def test_export_predicts_like_the_in_memory_ensemble(search):
     from regft.export import load_export
     from regft.models import build_classifier, create_clip
     from regft.shapes import shapes_task
-    from regft.train import load_checkpoint
+    from regft.checkpoint import load as load_checkpoint
 
     finals = [p.parent for p in (search["tmp"] / "store" / "train").rglob("meta.json")
               if json.loads(p.read_text()).get("final")]
     state, meta = load_checkpoint(str(finals[0]))
-    bundle = create_clip(meta["model"], meta["pretrained"])
+    bundle = create_clip(meta.model, meta.pretrained)
     module = build_classifier(bundle, shapes_task()).eval()
     module.load_state_dict(state)
     tf = split_clip_transform(bundle.preprocess_eval)
@@ -91,8 +91,8 @@ def test_export_predicts_like_the_in_memory_ensemble(search):
     pred = exported.predict(images)
     assert pred.indices.tolist() == ref.argmax(axis=1).tolist()
     np.testing.assert_allclose(pred.probabilities, ref, rtol=0, atol=1e-6)
-    assert meta["alpha"] == exported.meta["alpha"]
-    assert meta["architecture"] == exported.meta["open_clip"]  # recorded by the worker, not rebuilt
+    assert meta.alpha == exported.meta["alpha"]
+    assert meta.architecture == exported.meta["open_clip"]  # recorded by the worker, not rebuilt
 
 
 def test_mlflow_pyfunc_and_export_folder_give_identical_outputs(search, tmp_path, capsys):

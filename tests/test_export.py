@@ -36,6 +36,13 @@ def colour_images(n_per_class: int, seed: int, size: int = 40) -> tuple[list[np.
     return images, labels
 
 
+FINAL_METRICS = {  # a final report (regft.reports.FinalReport) of a run without a real val split
+    "epoch": 1, "best_epoch": 1, "best_alpha": 0.4, "alpha_curve": [[0.0, 0.1], [0.4, 0.3]],
+    "selection_metric": "synthetic_val", "alpha_rule": "knee", "select_metric": 0.3, "final": True,
+    "zs_synthetic_val_acc": 0.1, "zs_real_test_acc": 0.25, "ft_synthetic_val_acc": 0.2,
+    "ft_real_test_acc": 0.25, "ens_synthetic_val_acc": 0.3, "ens_real_test_acc": 0.5}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """theta_0 = zero-shot tiny CLIP, theta_1 = 3 steps of CE + VC, ensembled at alpha 0.4,
@@ -44,7 +51,8 @@ def trained(tmp_path_factory):
     from regft.ensemble import interpolate
     from regft.models import build_classifier, create_clip
     from regft.tasks import Task
-    from regft.train import save_checkpoint
+    from regft import checkpoint
+    from regft.reports import CheckpointMeta
 
     root = tmp_path_factory.mktemp("export")
     bundle = create_clip("tiny", None, seed=0)
@@ -64,10 +72,11 @@ def trained(tmp_path_factory):
     model.eval()
     ckpt = root / "ckpt"
     ckpt.mkdir()
-    meta = {"epoch": 1, "final": True, "alpha": 0.4, "task": "colours", "classnames": list(NAMES),
-            "model": "tiny", "pretrained": None, "architecture": ex.architecture_of(bundle),
-            "metrics": {"best_epoch": 1, "ens_real_test_acc": 0.5, "alpha_curve": [[0.0, 0.1]]}}
-    save_checkpoint(str(ckpt), ensemble, meta)
+    meta = CheckpointMeta.from_dict({
+        "epoch": 1, "final": True, "alpha": 0.4, "task": "colours", "classnames": list(NAMES),
+        "model": "tiny", "pretrained": None, "architecture": ex.architecture_of(bundle),
+        "metrics": FINAL_METRICS})
+    checkpoint.save(str(ckpt), ensemble, meta)
     folder = ex.export_checkpoint(ckpt, root / "export", dataset_id="ds-123",
                                   task={"name": "colours", "real_test": None},
                                   mlflow={"run_id": "0" * 32}, extra={"trial_id": "t1"})
@@ -283,12 +292,15 @@ def test_evaluate_cli_compares_with_the_logged_accuracy(trained, tmp_path, capsy
 
 def test_export_rebuilds_the_architecture_for_older_checkpoints(trained, tmp_path):
     """A final checkpoint without a recorded architecture is exported all the same."""
-    from regft.train import load_checkpoint, save_checkpoint
+    import dataclasses
 
-    state, meta = load_checkpoint(str(trained["ckpt"]))
-    meta.pop("architecture")
+    from regft import checkpoint
+    from regft.reports import EpochReport
+
+    state, meta = checkpoint.load(str(trained["ckpt"]))
     (tmp_path / "ckpt").mkdir()
-    save_checkpoint(str(tmp_path / "ckpt"), state, meta)
+    checkpoint.save(str(tmp_path / "ckpt"), state, dataclasses.replace(meta, architecture=None))
+    assert checkpoint.read_meta(str(tmp_path / "ckpt")).architecture is None
     folder = ex.export_checkpoint(tmp_path / "ckpt", tmp_path / "export")
     images, _ = colour_images(1, seed=2)
     a = ex.load_export(folder).predict(images).probabilities
@@ -296,8 +308,13 @@ def test_export_rebuilds_the_architecture_for_older_checkpoints(trained, tmp_pat
     assert np.array_equal(a, b)
     with pytest.raises(ex.ExportError, match="already holds an export"):
         ex.export_checkpoint(tmp_path / "ckpt", folder)
-    meta["final"] = False
-    save_checkpoint(str(tmp_path / "ckpt"), state, meta)
+    epoch_report = EpochReport.from_dict({k: 0.5 for k in (
+        "train_loss", "ce_loss", "vc_loss", "vc_variance", "vc_covariance", "grad_norm", "lr",
+        "images_per_s", "synthetic_val_acc", "div_magnitude", "div_direction", "effective_rank",
+        "select_metric")} | {"epoch": 1})
+    not_final = dataclasses.replace(meta, final=False, alpha=None, architecture=None,
+                                    metrics=epoch_report)
+    checkpoint.save(str(tmp_path / "ckpt"), state, not_final)
     with pytest.raises(ex.ExportError, match="not a final"):
         ex.export_checkpoint(tmp_path / "ckpt", tmp_path / "other")
 

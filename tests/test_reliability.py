@@ -254,7 +254,7 @@ def test_mlflow_servers_we_start_or_document_bind_to_localhost(tmp_path):
     import os
     import subprocess
 
-    from regft.tune import summary_table
+    from regft.search import summary_table
 
     script = ROOT / "scripts" / "mlflow_server.sh"
     if script.is_file():
@@ -295,7 +295,7 @@ def test_checkpoints_never_unpickle_code(tmp_path):
 
     import torch
 
-    from regft.train import load_checkpoint
+    from regft.checkpoint import load as load_checkpoint
 
     canary = tmp_path / "pwned"
     torch.save({"weight": torch.zeros(2), "evil": _Exploit(canary)}, tmp_path / "model.pt")
@@ -307,7 +307,7 @@ def test_checkpoints_never_unpickle_code(tmp_path):
 
 def test_credentials_never_reach_summaries_or_params():
     from regft.tracking import flat_params
-    from regft.tune import summary_table
+    from regft.search import summary_table
 
     uri = f"https://bob:{SECRET}@mlflow.example.org"
     best = {"trial_id": "t", "best_alpha": 0.5, "config/lr": 1e-3}

@@ -129,10 +129,12 @@ def test_torch_dataset_splits_partition_the_data(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_ray_dataset_reads_the_same_split(tmp_path, ray_local):
+    from regft.train import read_ray_dataset
+
     path = str(tmp_path / "ds")
     make_dataset(path, per_class=20, shard_size=7)
-    train = st.read_ray_dataset(path, "train", val_fraction=0.25).take_all()
-    val = st.read_ray_dataset(path, "val", val_fraction=0.25).take_all()
+    train = read_ray_dataset(path, "train", val_fraction=0.25).take_all()
+    val = read_ray_dataset(path, "val", val_fraction=0.25).take_all()
     torch_val = st.TorchImageDataset(path, split="val", val_fraction=0.25)
     assert sorted(r["item_id"] for r in val) == sorted(torch_val.item_ids)
     assert len(train) + len(val) == 60

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from regft import store as st
+from regft.checkpoint import load as load_checkpoint
 from regft.cli import UserError
 from regft.engine import select_alpha
 from regft.realdata import read_audit
@@ -16,7 +17,6 @@ from regft.train import (
     TrainConfig,
     check_resources,
     final_table,
-    load_checkpoint,
     main,
     steps_per_epoch,
 )
@@ -107,10 +107,13 @@ def test_steps_per_epoch_drops_partial_batches_and_shard_remainders():
 
 
 def test_final_table_names_the_split_of_each_number():
-    table = final_table({"best_alpha": 0.3, "best_epoch": 2, "selection_metric": "synthetic_val",
-                         "zs_synthetic_val_acc": 0.25, "ft_synthetic_val_acc": 0.9,
-                         "ens_synthetic_val_acc": 0.95, "zs_real_test_acc": 0.5,
-                         "ft_real_test_acc": 0.4, "ens_real_test_acc": 0.6})
+    from regft.reports import FinalReport
+
+    table = final_table(FinalReport.from_dict({
+        "epoch": 2, "best_alpha": 0.3, "best_epoch": 2, "selection_metric": "synthetic_val",
+        "alpha_rule": "knee", "select_metric": 0.95, "alpha_curve": [[0.3, 0.95]], "final": True,
+        "zs_synthetic_val_acc": 0.25, "ft_synthetic_val_acc": 0.9, "ens_synthetic_val_acc": 0.95,
+        "zs_real_test_acc": 0.5, "ft_real_test_acc": 0.4, "ens_real_test_acc": 0.6}))
     assert "synthetic_val" in table and "real_test" in table and "(reported only)" in table
     assert "0.9500" in table and "real_val" not in table
 
@@ -186,9 +189,9 @@ def test_two_worker_run_reports_selects_without_peeking_and_checkpoints(ray_loca
     for ckpt, _ in result.best_checkpoints:
         with ckpt.as_directory() as d:
             state, meta = load_checkpoint(d)  # torch.load(..., weights_only=True)
-            (finals if meta["final"] else per_epoch).append(meta)
+            (finals if meta.final else per_epoch).append(meta)
             assert all(isinstance(v, torch.Tensor) for v in state.values())
-            if not meta["final"]:  # optimizer/scheduler state for resuming: also weights_only
+            if not meta.final:  # optimizer/scheduler state for resuming: also weights_only
                 ts = torch.load(Path(d) / "train_state.pt", weights_only=True)
                 assert {"optimizer", "scheduler", "best"} <= set(ts)
     assert len(per_epoch) == 2 and len(finals) == 1
@@ -196,10 +199,10 @@ def test_two_worker_run_reports_selects_without_peeking_and_checkpoints(ray_loca
             "images_per_s", "synthetic_val_acc", "div_magnitude", "div_direction",
             "effective_rank", "select_metric"}
     for meta in per_epoch:
-        assert keys <= set(meta["metrics"])
-    by_epoch = {m["epoch"]: m["metrics"] for m in per_epoch}
-    assert by_epoch[2]["train_loss"] < by_epoch[1]["train_loss"]  # learnable: the loss goes down
-    assert finals[0]["alpha"] == final["best_alpha"]
+        assert keys <= set(meta.metrics.to_dict())
+    by_epoch = {m.epoch: m.metrics for m in per_epoch}
+    assert by_epoch[2].train_loss < by_epoch[1].train_loss  # learnable: the loss goes down
+    assert finals[0].alpha == final["best_alpha"]
 
 
 @pytest.mark.timeout(240)
@@ -220,7 +223,7 @@ def test_a_failed_run_resumes_from_its_latest_checkpoint(ray_local, colours, tmp
     assert result.metrics["final"] is True and result.metrics["epoch"] == 2
     assert [a for a, _ in result.metrics["alpha_curve"]] == [0.0, 0.5, 1.0]
     _, meta = load_checkpoint(result.checkpoint_path)
-    assert meta["final"] and meta["alpha"] == result.metrics["best_alpha"]
+    assert meta.final and meta.alpha == result.metrics["best_alpha"]
 
 
 @pytest.mark.timeout(120)

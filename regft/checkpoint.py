@@ -1,0 +1,87 @@
+"""The checkpoint format of a training run (assembly ring: torch + pyarrow file I/O, no Ray).
+
+    folder/model.pt        the classifier's state dict: torch.load(..., weights_only=True)
+    folder/train_state.pt  epoch checkpoints only: optimizer/scheduler/scaler state and the best
+                           epoch so far, for resuming (also weights_only-loadable)
+    folder/meta.json       regft.reports.CheckpointMeta: epoch, final?, task, model, the report
+
+Ray Train names the folders of one run `checkpoint_<timestamp>` under the run's folder;
+`find_epoch` and `find_final` scan them (on any pyarrow filesystem: local, S3, GCS) by their
+meta. Nothing here unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+
+from regft.reports import CheckpointMeta
+
+MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
+FOLDER_PREFIX = "checkpoint_"  # Ray Train's checkpoint folder names
+
+
+def save(folder: str, state_dict: dict, meta: CheckpointMeta, train_state: dict | None = None) -> None:
+    """Write a checkpoint into `folder` (which exists). `train_state` for epoch checkpoints."""
+    torch.save(state_dict, os.path.join(folder, MODEL_FILE))
+    if train_state is not None:
+        torch.save(train_state, os.path.join(folder, STATE_FILE))
+    # default=float: tensor/numpy scalars that reached a report are written as numbers
+    text = json.dumps(meta.to_dict(), indent=1, default=float)
+    Path(folder, META_FILE).write_text(text, encoding="utf-8")
+
+
+def load(folder: str) -> tuple[dict, CheckpointMeta]:
+    """(state dict, meta) of a checkpoint folder. The weights are read first: a file that holds
+    anything but tensors fails there, before any other file is trusted."""
+    state = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
+    return state, read_meta(folder)
+
+
+def read_meta(folder: str) -> CheckpointMeta:
+    text = Path(folder, META_FILE).read_text(encoding="utf-8")
+    return CheckpointMeta.from_dict(json.loads(text), where=os.path.join(folder, META_FILE))
+
+
+def load_train_state(folder: str) -> dict:
+    return torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def _checkpoints(fs: pafs.FileSystem, run_dir: str) -> Iterator[tuple[str, CheckpointMeta]]:
+    """(path, meta) of every readable checkpoint folder directly under `run_dir`, in name
+    (= time) order. Folders without a readable meta (a checkpoint being written, a partial
+    upload) are skipped."""
+    infos = fs.get_file_info(pafs.FileSelector(run_dir.rstrip("/"), allow_not_found=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith(FOLDER_PREFIX):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{META_FILE}") as f:
+                data = json.loads(f.read().decode("utf-8"))
+            yield info.path, CheckpointMeta.from_dict(data, where=f"{info.path}/{META_FILE}")
+        except (OSError, ValueError):
+            continue
+
+
+def find_epoch(fs: pafs.FileSystem, run_dir: str, epoch: int) -> str | None:
+    """The path of the (non-final) checkpoint of `epoch` under `run_dir`, or None."""
+    return next((p for p, meta in _checkpoints(fs, run_dir) if meta.epoch == epoch and not meta.final),
+                None)
+
+
+def find_final(fs: pafs.FileSystem, run_dir: str) -> str | None:
+    """The path of the newest final (ensembled) checkpoint under `run_dir`, or None."""
+    finals = [p for p, meta in _checkpoints(fs, run_dir) if meta.final]
+    return finals[-1] if finals else None
+
+
+def load_weights(fs: pafs.FileSystem, folder: str) -> dict:
+    """The state dict of a checkpoint folder on `fs` (weights_only)."""
+    with fs.open_input_stream(f"{folder}/{MODEL_FILE}") as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
