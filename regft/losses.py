@@ -1,4 +1,4 @@
-"""Variance-covariance (VC) feature-diversity regularizer (method.md). Pure torch.
+"""Variance-covariance (VC) feature-diversity regularizer (docs/method.md). Pure torch.
 
 Only the image branch, one view per image, no projector, no invariance term: given the batch of
 image embeddings z (B x d) *before* L2 normalisation,
@@ -11,9 +11,11 @@ image embeddings z (B x d) *before* L2 normalisation,
 Distributed training: the statistics are computed on the *global* batch. The caller gathers the
 embeddings of all workers with a differentiable all-gather (`regft.distributed.gather_features`)
 before calling `vc_loss`, so 2 workers x 64 images give exactly the loss and gradient of 1 worker
-x 128 images. The paper's code computed it per device; we gather because a covariance of a
-512-d feature from a per-device batch of 16-64 is dominated by noise, and because it makes the
-result independent of how many workers a trial happens to get.
+x 128 images. That is what the paper's code computed on one GPU: the whole batch's statistics.
+(On more than one GPU, under nn.DataParallel, the forward ran on replicas and the VC term it
+computed was a constant, without gradient.) Gathering keeps the whole-batch statistics at any
+number of workers, instead of the covariance of a 512-d feature over a per-device batch of 16-64
+(dominated by noise), so the result does not depend on how many workers a trial happens to get.
 """
 from __future__ import annotations
 
