@@ -1,6 +1,6 @@
 """Metrics on predictions and feature sets, pure torch.
 
-Feature diversity (method.md asks for two documented scores; these are *ours*, not the paper's
+Feature diversity (docs/method.md asks for two documented scores; these are *ours*, not the paper's
 D_Mag / D_Dir, whose formulas were not available):
 
 - `diversity_magnitude`: mean over dimensions of the per-dimension standard deviation of the raw

@@ -2,8 +2,9 @@
 
 - HF_HUB_OFFLINE=1: tests never touch a model hub.
 - One local Ray per test session (`ray_local` fixture), started with address="local" so it never
-  attaches to another cluster on the machine, auth disabled (see docs/platform notes), and shut
-  down at the end of the session.
+  attaches to another cluster on the machine, auth disabled (a private local Ray has no other
+  users; token auth would need a token file on the machine), and shut down at the end of the
+  session.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from regft.losses import off_diagonal, vc_loss, vc_terms
 
 
 def reference_vc(z: np.ndarray) -> tuple[float, float]:
-    """Straight from method.md, with numpy's covariance (ddof=1) and explicit loops."""
+    """Straight from docs/method.md, with numpy's covariance (ddof=1) and explicit loops."""
     b, d = z.shape
     cov = np.cov(z, rowvar=False, ddof=1)
     v = sum(max(0.0, 1.0 - np.sqrt(cov[j, j] + 1e-7)) for j in range(d)) / d
