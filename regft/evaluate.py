@@ -22,8 +22,8 @@ from regft import engine
 from regft.cli import entry_point
 from regft.errors import UserError
 from regft.export import load_export
-from regft.predict import resolve_model
 from regft.realdata import open_real_split
+from regft.registry import resolve_model
 from regft.tasks import Task
 
 

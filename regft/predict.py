@@ -14,45 +14,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from regft.cli import entry_point, redact
+from regft.cli import entry_point
 from regft.errors import UserError
 from regft.export import find_export, load_export
 from regft.images import IMAGE_EXTS, image_files
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id
-ERROR_CHARS = 300  # of MLflow's first error line, quoted in ours
-
 
 def resolve_model(model: str, tracking_uri: str | None, tmp: str) -> Path:
-    """MODEL argument -> a local export folder (downloaded into `tmp` when it lives in MLflow)."""
+    """MODEL argument -> a local export folder (regft.registry.resolve_model, downloaded into
+    `tmp` when it lives in MLflow). A folder is taken here: predicting from local files then never
+    imports MLflow, seconds of start-up it does not need (tests/test_export.py checks)."""
     path = Path(model).expanduser()
     if path.exists():
         return find_export(path)
-    if model.startswith(("models:/", "runs:/")) or RUN_ID.match(model):
-        # MLflow (regft.registry) and Ray Tune (regft.tracking) take seconds to import: only for
-        # a model that lives in MLflow, never for a folder (tests/test_export.py checks)
-        from regft.registry import download_export
-        from regft.tracking import check_tracking_uri, resolve_tracking_uri
+    from regft.registry import resolve_model as from_mlflow  # MLflow: see the docstring
 
-        uri = resolve_tracking_uri(tracking_uri)
-        problems = check_tracking_uri(uri)  # seconds, instead of MLflow's minutes of retries
-        if problems:
-            raise UserError(problems)
-        try:
-            return download_export(model, uri, tmp)
-        except Exception as e:  # MlflowException, missing artifacts: one line, exit 2
-            first = str(e).strip().splitlines()[0][:ERROR_CHARS] if str(e).strip() else type(e).__name__
-            raise UserError(f"MODEL {model}: cannot fetch it from MLflow at {redact(uri)} ({redact(first)}); "
-                            "check the run id / models:/NAME/VERSION and --tracking-uri") from e
-    raise UserError(f"MODEL {model}: no such folder, and not an MLflow run id (32 hex digits) or "
-                    "models:/NAME/VERSION")
+    return from_mlflow(model, tracking_uri, tmp)
 
 
 def collect_images(args: list[str]) -> tuple[list[str], bool]:

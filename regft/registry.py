@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,8 @@ from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
 from regft import checkpoint
+from regft.cli import redact
+from regft.errors import UserError
 from regft.export import META_FILE, export_checkpoint, find_export, load_export, read_meta
 
 ARTIFACT_PATH = "regft_model"  # the export folder under the run's artifacts
@@ -193,3 +196,34 @@ def deliver_best(results, best, *, client, tracking_uri: str, parent_id: str, se
         print(f"warning: exported to {folder}, but logging/registering it in MLflow failed: "
               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
     return out
+
+
+# ------------------------------------------------------------- MODEL arguments ----
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id
+ERROR_CHARS = 300  # of MLflow's first error line, quoted in ours
+
+
+def resolve_model(model: str, tracking_uri: str | None, tmp: str) -> Path:
+    """The MODEL argument of regft.predict / regft.evaluate -> a local export folder: a folder as
+    it is, an MLflow run id (the search's parent run), runs:/ or models:/NAME/VERSION downloaded
+    into `tmp`. Anything else, or an MLflow that cannot serve it, is a UserError naming the fix."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return find_export(path)
+    if model.startswith(("models:/", "runs:/")) or RUN_ID.match(model):
+        # regft.tracking holds the URI rules next to its Ray Tune callback: imported only here,
+        # so that loading a registered model (pyfunc_model) never imports Ray
+        from regft.tracking import check_tracking_uri, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(tracking_uri)
+        problems = check_tracking_uri(uri)  # seconds, instead of MLflow's minutes of retries
+        if problems:
+            raise UserError(problems)
+        try:
+            return download_export(model, uri, tmp)
+        except Exception as e:  # MlflowException, missing artifacts: one line, exit 2
+            first = str(e).strip().splitlines()[0][:ERROR_CHARS] if str(e).strip() else type(e).__name__
+            raise UserError(f"MODEL {model}: cannot fetch it from MLflow at {redact(uri)} ({redact(first)}); "
+                            "check the run id / models:/NAME/VERSION and --tracking-uri") from e
+    raise UserError(f"MODEL {model}: no such folder, and not an MLflow run id (32 hex digits) or "
+                    "models:/NAME/VERSION")
