@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -46,10 +46,8 @@ class Task:
     generation_template: str = DEFAULT_GENERATION_TEMPLATE
     generation_classnames: tuple[str, ...] = ()  # same order; defaults to classnames
     descriptions_file: str | None = None  # package-relative, keyed by generation class name
-    title: str = ""
     real_test: str | None = None  # how to read the real test split, e.g. "torchvision:StanfordCars"
     source: str = "catalog"
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         # Catalog lists are published data and are kept as published (ImageNet's CLIP names
@@ -86,7 +84,6 @@ class Task:
             classnames=self.classnames[:n],
             generation_classnames=self.generation_classnames[:n],
             real_test=None,  # a full real test split has labels outside the subset
-            extra={**self.extra, "subset_of": self.name},
         )
 
     def descriptions(self) -> list[list[str]] | None:
@@ -151,7 +148,6 @@ def load_task(name: str) -> Task:
         classnames, templates = tuple(rec["classnames"]), tuple(rec["templates"])
     return Task(
         name=name,
-        title=rec.get("title", name),
         classnames=classnames,
         templates=templates,
         generation_template=rec["generation_template"],

@@ -92,7 +92,7 @@ from regft.loop import (
 )
 from regft.metrics import diversity_scores
 from regft.models import build_classifier, create_clip
-from regft.realdata import SHAPES_REAL, Audit, Sealed, check_real_data, open_real_split
+from regft.realdata import Audit, Sealed, check_real_data, has_real_test, open_real_split
 from regft.reports import (
     SELECTION_SPLITS,
     SPLITS,
@@ -388,7 +388,7 @@ class Evaluator:
         if cfg.real_val:
             self.sets["real_val"] = self._share(open_real_split(task, cfg.real_val, "val", to_uint8))
         self.real_test = None
-        if cfg.real_test or task.real_test == SHAPES_REAL:
+        if has_real_test(task, cfg.real_test):
             self.real_test = Sealed("real_test", lambda: open_real_split(task, cfg.real_test, "test",
                                                                          to_uint8), w.audit)
 
