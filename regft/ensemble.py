@@ -55,12 +55,16 @@ def interpolate(
     return out
 
 
+ALPHA_DIGITS = 6  # grid points are rounded to this many decimals (0.1 * 3 -> 0.3)
+ALPHA_EPS = 1e-9  # a grid that stops this close below `high` ends at `high` already
+
+
 def alpha_grid(step: float = 0.1, low: float = 0.0, high: float = 1.0) -> list[float]:
     """Evenly spaced alphas from low to high inclusive, rounded so 0.1*3 prints as 0.3."""
     if step <= 0 or not 0.0 <= low <= high <= 1.0:
         raise EnsembleError(f"bad alpha grid: low={low}, high={high}, step={step}")
     n = int(round((high - low) / step))
-    grid = [round(low + i * step, 6) for i in range(n + 1)]
-    if grid[-1] < high - 1e-9:
+    grid = [round(low + i * step, ALPHA_DIGITS) for i in range(n + 1)]
+    if grid[-1] < high - ALPHA_EPS:
         grid.append(high)
     return [min(a, high) for a in grid]

@@ -61,6 +61,11 @@ TORCHVISION_TEST = {
     "ImageNet": {"split": "val"},
 }
 # CoOp split files use paths relative to the dataset's image folder
+# a CSV's image paths are checked up to this many (a missing file is usually all or a pattern;
+# stat-ing a million paths of a network share would take minutes)
+CSV_PATHS_CHECKED = 10_000
+LISTED = 10  # bad rows or labels quoted in an error
+UNKNOWN_LISTED = 8  # unknown class names quoted, each with its closest task classes
 COOP_IMAGE_DIRS = ("", "images", "jpg", "2750", "101_ObjectCategories", "SUN397",
                    "UCF-101-midframes", "car_ims", "data/images")
 
@@ -90,13 +95,13 @@ def map_labels(names: list[str], task: Task, where: str) -> dict[str, int]:
             unknown.append(n)
     if unknown:
         hints = []
-        for n in unknown[:8]:
+        for n in unknown[:UNKNOWN_LISTED]:
             close = difflib.get_close_matches(normalize_name(n), list(index), n=2, cutoff=0.6)
             hints.append(f"{n!r}" + (f" (closest task classes: {close})" if close else ""))
         raise UserError(
             f"{where}: {len(unknown)} class name(s) are not classes of task {task.name!r}: "
-            f"{', '.join(hints)}{' ...' if len(unknown) > 8 else ''}. Class names must match the "
-            "task's (case, '_' and '-' ignored); use a CSV with integer labels for another naming"
+            f"{', '.join(hints)}{' ...' if len(unknown) > UNKNOWN_LISTED else ''}. Class names must "
+            "match the task's (case, '_' and '-' ignored); use a CSV with integer labels for another naming"
         )
     covered = len(set(mapping.values()))
     if covered < task.num_classes:
@@ -171,7 +176,7 @@ def read_csv(path: Path, task: Task, transform=None, where: str = "") -> FileLis
         rows = rows[1:]
     bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
     if bad:
-        raise UserError(f"{where}: rows {bad[:10]} do not have the two columns path,label")
+        raise UserError(f"{where}: rows {bad[:LISTED]} do not have the two columns path,label")
     if not rows:
         raise UserError(f"{where}: no rows (expected lines 'path,label')")
     labels = [r[1].strip() for r in rows]
@@ -179,7 +184,7 @@ def read_csv(path: Path, task: Task, transform=None, where: str = "") -> FileLis
         ints = [int(s) for s in labels]
         out = sorted({i for i in ints if not 0 <= i < task.num_classes})
         if out:
-            raise UserError(f"{where}: label index(es) {out[:10]} outside 0..{task.num_classes - 1} "
+            raise UserError(f"{where}: label index(es) {out[:LISTED]} outside 0..{task.num_classes - 1} "
                             f"(task {task.name!r} has {task.num_classes} classes)")
         targets = ints
     else:
@@ -190,7 +195,7 @@ def read_csv(path: Path, task: Task, transform=None, where: str = "") -> FileLis
     for r, t in zip(rows, targets):
         img = Path(r[0].strip())
         items.append((str(img if img.is_absolute() else base / img), t))
-    missing = [p for p, _ in items[:10000] if not os.path.isfile(p)]
+    missing = [p for p, _ in items[:CSV_PATHS_CHECKED] if not os.path.isfile(p)]
     if missing:
         raise UserError(f"{where}: {len(missing)} image file(s) not found, e.g. {missing[0]}")
     return FileListDataset(items, transform, name=where)

@@ -20,12 +20,14 @@ DEFAULT_GENERATION_TEMPLATE = "a photo of a {}."
 
 # names that become folder, file, run and experiment names: one path component, no shell
 # metacharacters, no leading '-' or '.' (class names themselves are data and may hold anything)
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MAX_NAME = 100  # characters; well inside every filesystem's 255-byte component limit
+SAFE_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}$")
+LISTED = 10  # bad lines quoted in an error
 
 
 def safe_slug(value: str) -> str:
     """`value` with every run of unsafe characters replaced by '_' (a file-name-safe form)."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")[:100]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")[:MAX_NAME]
     return slug or "task"
 
 
@@ -34,7 +36,7 @@ def unsafe_name_problem(value: str, field: str) -> str | None:
     if SAFE_NAME.match(value):
         return None
     return (f"{field} {value!r}: names folders and runs, so it may hold only letters, digits, "
-            f"'.', '_' and '-' (starting with a letter or digit, at most 100); e.g. "
+            f"'.', '_' and '-' (starting with a letter or digit, at most {MAX_NAME}); e.g. "
             f"{safe_slug(value)!r}")
 
 
@@ -165,7 +167,7 @@ def validate_classnames(names: list[str], where: str) -> list[str]:
         problems.append(f"{where}: no class names")
     blanks = [i + 1 for i, n in enumerate(names) if not n.strip()]
     if blanks:
-        problems.append(f"{where}: blank class name on line(s) {blanks[:10]}")
+        problems.append(f"{where}: blank class name on line(s) {blanks[:LISTED]}")
     seen: dict[str, int] = {}
     dups = []
     for i, n in enumerate(names):
@@ -174,7 +176,7 @@ def validate_classnames(names: list[str], where: str) -> list[str]:
             dups.append(f"{n.strip()!r} (lines {seen[key]} and {i + 1})")
         seen.setdefault(key, i + 1)
     if dups:
-        problems.append(f"{where}: duplicate class name(s) {', '.join(dups[:10])}")
+        problems.append(f"{where}: duplicate class name(s) {', '.join(dups[:LISTED])}")
     if names and len(names) < 2:
         problems.append(f"{where}: a classifier needs at least 2 classes, got {len(names)}")
     return problems
