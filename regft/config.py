@@ -39,11 +39,12 @@ def _check_type(name: str, value: Any, tp: Any) -> str | None:
     return None if ok else f"{name}: expected {getattr(tp, '__name__', tp)}, got {value!r}"
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", validate: bool = True) -> T:
     """Build dataclass `cls` from `data`; unknown keys and type errors are all reported at once.
 
     Float fields accept ints (converted). After construction, a `validate()` method returning a
-    list of problems, if the class has one, is run and its problems are added.
+    list of problems, if the class has one, is run and its problems are added (`validate=False`:
+    the caller validates later, e.g. once the fields other sources set are in).
     """
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -73,9 +74,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     if problems:
         raise UserError(problems)
     obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        more = validate()
+    check = getattr(obj, "validate", None) if validate else None
+    if callable(check):
+        more = check()
         if more:
             raise UserError([f"{where}: {p}" for p in more])
     return obj

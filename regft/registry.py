@@ -211,9 +211,8 @@ def resolve_model(model: str, tracking_uri: str | None, tmp: str) -> Path:
     if path.exists():
         return find_export(path)
     if model.startswith(("models:/", "runs:/")) or RUN_ID.match(model):
-        # regft.tracking holds the URI rules next to its Ray Tune callback: imported only here,
-        # so that loading a registered model (pyfunc_model) never imports Ray
-        from regft.tracking import check_tracking_uri, resolve_tracking_uri
+        # the URI rules (regft.mlflow_store, no Ray) only for models that live in MLflow
+        from regft.mlflow_store import check_tracking_uri, resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri)
         problems = check_tracking_uri(uri)  # seconds, instead of MLflow's minutes of retries

@@ -1,5 +1,6 @@
-"""MLflow tracking for searches: one experiment per task, a parent run per search, one nested
-child run per Tune trial.
+"""MLflow tracking of a search's trials: one nested child run per Tune trial, written by a
+driver-side Ray Tune callback (the URI rules, tags and run lookups without Ray are
+regft.mlflow_store).
 
 Child runs are created and written by a driver-side Tune callback with explicit run ids
 (`MlflowClient`), not by `setup_mlflow` inside trials: that keeps exactly one run per trial,
@@ -8,121 +9,30 @@ by the `regft.trial_id` tag instead of opening a duplicate.
 """
 from __future__ import annotations
 
-import math
-import os
-import urllib.parse
-import urllib.request
-from pathlib import Path
+import time
 from typing import Any
 
+import matplotlib
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from regft.cli import redact  # noqa: F401 (one redaction rule for logs, errors and MLflow)
+from regft.mlflow_store import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, find_run, flat_params, numeric_metrics
 
-TRIAL_TAG = "regft.trial_id"
-SEARCH_TAG = "regft.search"
-PARENT_TAG = "mlflow.parentRunId"
+matplotlib.use("Agg")  # figures are drawn in the driver, never shown (before pyplot is imported)
+import matplotlib.pyplot as plt  # noqa: E402
 
-
-def default_tracking_uri(cwd: str | Path | None = None) -> str:
-    """The embedded default: a sqlite file in the working directory (`mlflow ui` opens it)."""
-    path = Path(cwd or os.getcwd()).resolve() / "mlflow.db"
-    return f"sqlite:///{path}"
+# The wire keys of regft.reports that mark a result's kind (an epoch report carries neither)
+FINAL, DIVERGED = "final", "diverged"
+ALPHA_STEPS = 100  # alpha curves are logged as metric steps in percent (MLflow steps are integers)
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> list[str]:
-    """Problems reaching the tracking store (empty list: reachable). Cheap, no run is created."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user's server)
-                if resp.status != 200:
-                    return [f"--tracking-uri {uri}: server answered {resp.status} on /health"]
-        except (OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            return [f"--tracking-uri {uri}: tracking server unreachable ({reason}); start it "
-                    "(scripts/mlflow_server.sh) or drop --tracking-uri to use the local store"]
-        return []
-    if parsed.scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-        if db is None or not db.is_absolute():
-            return [f"--tracking-uri {uri}: use an absolute sqlite path, sqlite:////abs/path/mlflow.db"]
-        parent = db.parent
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            return [f"--tracking-uri {uri}: folder {parent} does not exist or is not writable"]
-        return []
-    if parsed.scheme in ("", "file"):
-        return [f"--tracking-uri {uri}: MLflow refuses plain-folder stores; use "
-                f"{default_tracking_uri()} (sqlite) or an http(s) tracking server"]
-    return []  # databricks, postgresql, ...: let MLflow itself validate
-
-
-def flat_params(params: dict[str, Any]) -> dict[str, str]:
-    """MLflow params are strings of at most 6000 chars; redact and stringify."""
-    out = {}
-    for k, v in redact(params).items():
-        s = str(v)
-        out[str(k)] = s if len(s) <= 6000 else s[:5997] + "..."
-    return out
-
-
-def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for k, v in result.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if k in ("training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid",
-                 "time_since_restore", "iterations_since_restore", "timesteps_total"):
-            continue
-        if isinstance(v, float) and not math.isfinite(v):
-            continue
-        out[k] = float(v)
-    return out
-
-
-def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
-
-
-def find_run(client, experiment_id: str, tags: dict[str, str]):
-    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=flt, max_results=2)
-    return runs[0] if runs else None
-
-
-def close_orphan_runs(client, experiment_id: str, parent_id: str, trial_ids) -> list[str]:
-    """End the child runs of `parent_id` still RUNNING whose trial is not in `trial_ids` (the
-    trials the finished search knows). A driver killed right after a trial started can lose that
-    trial from Tune's saved state: `--resume` never restarts it (it samples a new one), so its
-    run would stay RUNNING forever. It is marked KILLED with `regft.outcome=orphaned`, not
-    deleted (whatever it logged stays). Returns their trial ids."""
-    runs = client.search_runs([experiment_id], filter_string=(
-        f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'"))
-    keep = {str(t) for t in trial_ids}
-    orphans = [r for r in runs if r.data.tags.get(TRIAL_TAG) not in keep]
-    for r in orphans:
-        client.set_tag(r.info.run_id, "regft.outcome", "orphaned")
-        client.set_terminated(r.info.run_id, status="KILLED")
-    return [r.data.tags.get(TRIAL_TAG) for r in orphans]
+def _is(result: dict[str, Any], kind: str) -> bool:
+    return result.get(kind) is True  # a flag of the report's kind: absent on the other kinds
 
 
 def alpha_curve_figure(curves: dict[str, list], selected: float | None, title: str):
     """Accuracy vs alpha, one line per split; the selected alpha marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for split, curve in curves.items():
         if curve:
@@ -172,8 +82,6 @@ class MLflowTrialCallback(Callback):
     @property
     def client(self):
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
@@ -205,47 +113,37 @@ class MLflowTrialCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_id_for(trial)
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        import time
-
-        from mlflow.entities import Metric
-
+        step = int(result["epoch"])  # every report has it: the final one repeats the last epoch
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
-        if result.get("final"):
+        if _is(result, FINAL):
             self._log_final(run_id, trial, result)
 
     def _log_final(self, run_id, trial, result):
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         curves = final_curves(result)
         points = []
         for split, curve in curves.items():
-            # metric steps are integers: step = alpha in percent
-            points += [Metric(f"alpha_curve/{split}", m, now, int(round(a * 100))) for a, m in curve]
+            points += [Metric(f"alpha_curve/{split}", m, now, int(round(a * ALPHA_STEPS)))
+                       for a, m in curve]
         if points:
             self.client.log_batch(run_id, metrics=points)
         if curves:
-            fig = alpha_curve_figure(curves, result.get("best_alpha"), f"trial {trial.trial_id}")
+            fig = alpha_curve_figure(curves, result["best_alpha"], f"trial {trial.trial_id}")
             self.client.log_figure(run_id, fig, "alpha_curve.png")
-            import matplotlib.pyplot as plt
-
             plt.close(fig)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
+        last = trial.last_result or {}  # a trial may end before it reports anything
         run_id = self.run_id_for(trial)
-        if last.get("diverged"):  # NaN/inf loss: the trial stopped itself (regft.train)
+        if _is(last, DIVERGED):  # NaN/inf loss: the trial stopped itself (regft.train)
             self.client.set_tag(run_id, "regft.outcome", "diverged")
             self.client.set_tag(run_id, "regft.diverged", "true")
             self.client.set_terminated(run_id, status="FAILED")
             return
-        status = "FINISHED" if last.get("final") else "KILLED"
+        status = "FINISHED" if _is(last, FINAL) else "KILLED"
         self.client.set_tag(run_id, "regft.outcome", "finished" if status == "FINISHED" else "stopped early")
         self.client.set_terminated(run_id, status=status)
 

@@ -345,7 +345,7 @@ def test_local_storage_is_refused_on_a_multi_node_cluster(monkeypatch):
     """Each node would write shards and checkpoints to its own disk; a URI is shared."""
     import ray
 
-    from regft.tune import check_shared_storage
+    from regft.resources import check_shared_storage
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
     (problem,) = check_shared_storage("regft_runs")

@@ -151,8 +151,9 @@ def test_diverged_trial_is_pruned_in_optuna_and_marked_in_mlflow(tmp_path):
     from mlflow.tracking import MlflowClient
     from ray import tune
 
+    from regft.mlflow_store import default_tracking_uri, get_or_create_experiment
     from regft.searcher import make_searcher
-    from regft.tracking import MLflowTrialCallback, default_tracking_uri, get_or_create_experiment
+    from regft.tracking import MLflowTrialCallback
 
     searcher = make_searcher(None, None, seed=0)
     searcher.set_search_properties("select_metric", "max", {"lr": tune.loguniform(1e-5, 1e-2)})
@@ -306,7 +307,7 @@ def test_checkpoints_never_unpickle_code(tmp_path):
 
 
 def test_credentials_never_reach_summaries_or_params():
-    from regft.tracking import flat_params
+    from regft.mlflow_store import flat_params
     from regft.search import summary_table
 
     uri = f"https://bob:{SECRET}@mlflow.example.org"

@@ -3,17 +3,16 @@ from types import SimpleNamespace
 import pytest
 from conftest import closed_port
 
-from regft.tracking import (
+from regft.cli import redact
+from regft.mlflow_store import (
     PARENT_TAG,
     TRIAL_TAG,
-    MLflowTrialCallback,
     check_tracking_uri,
     default_tracking_uri,
-    final_curves,
     flat_params,
     get_or_create_experiment,
-    redact,
 )
+from regft.tracking import MLflowTrialCallback, final_curves
 
 
 def test_redact_hides_credentials():
@@ -103,8 +102,8 @@ def test_orphaned_trials_are_closed_not_left_running(tmp_path):
     import optuna
     from mlflow.tracking import MlflowClient
 
+    from regft.mlflow_store import PARENT_TAG, TRIAL_TAG, close_orphan_runs
     from regft.searcher import fail_running_trials
-    from regft.tracking import PARENT_TAG, TRIAL_TAG, close_orphan_runs
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
