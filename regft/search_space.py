@@ -1,4 +1,5 @@
-"""Declarative search spaces (`search_spaces/<task>.yaml`), validated on load.
+"""Declarative search spaces (`regft/search_spaces/<task>.yaml`, default.yaml for a task without
+its own), validated on load.
 
 File format (every problem in a file is reported at once)::
 
@@ -206,12 +207,12 @@ def load_search_space(path: str | Path, known_fields: set[str] | None = None) ->
 
 
 def shipped_search_space_dir() -> Path:
-    """search_spaces/ at the project root (also found from an installed package's working dir)."""
-    here = Path(__file__).resolve().parent.parent / "search_spaces"
-    return here if here.is_dir() else Path.cwd() / "search_spaces"
+    """The search spaces shipped in the package (regft/search_spaces/, package data)."""
+    return Path(__file__).resolve().parent / "search_spaces"
 
 
 def default_search_space_path(task: str) -> Path:
+    """The task's own shipped file, else default.yaml (most tasks share the default ranges)."""
     d = shipped_search_space_dir()
-    p = d / f"{task}.yaml"
-    return p if p.is_file() else d / "default.yaml"
+    shipped = {f.stem for f in d.glob("*.yaml")}  # by name: a task name is never a path
+    return d / f"{task if task in shipped else 'default'}.yaml"

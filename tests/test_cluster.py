@@ -211,7 +211,7 @@ def test_job_upload_carries_code_and_search_spaces_not_venv_or_git(tmp_path):
     out = tmp_path / "pkg.zip"
     _zip_files(str(ROOT), [], str(out), include_gitignore=False)
     names = zipfile.ZipFile(out).namelist()
-    assert "regft/tune.py" in names and "search_spaces/cars.yaml" in names
+    assert "regft/tune.py" in names and "regft/search_spaces/default.yaml" in names
     assert any(n.startswith("regft/pretrained/") for n in names)  # the shapes testbed's CLIP
     assert not [n for n in names if n.startswith((".venv", ".git/", ".venv-ci"))]
     assert out.stat().st_size < 40 * 2**20, out.stat().st_size

@@ -3,15 +3,21 @@ from pathlib import Path
 import pytest
 
 from regft.cli import UserError
-from regft.search_space import load_search_space, parse_search_space, shipped_search_space_dir
+from regft.search_space import (
+    default_search_space_path,
+    load_search_space,
+    parse_search_space,
+    shipped_search_space_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_shipped_file_loads_and_opens_with_its_command():
-    files = sorted((ROOT / "search_spaces").glob("*.yaml"))
-    assert len(files) >= 12
-    assert shipped_search_space_dir() == ROOT / "search_spaces"
+    files = sorted((ROOT / "regft" / "search_spaces").glob("*.yaml"))
+    # a task has its own file only where its ranges differ from default.yaml (issue 13)
+    assert {f.name for f in files} >= {"default.yaml", "shapes.yaml"}
+    assert shipped_search_space_dir() == ROOT / "regft" / "search_spaces"
     for f in files:
         space = load_search_space(f)
         assert {"lr", "vc_weight"} <= set(space.parameters), f
@@ -81,3 +87,11 @@ def test_malformed_yaml_and_missing_file(tmp_path):
     p.write_text("- just a list\n")
     with pytest.raises(UserError, match="expected a mapping"):
         load_search_space(p)
+
+
+def test_a_task_without_its_own_file_gets_default_yaml():
+    d = shipped_search_space_dir()
+    assert default_search_space_path("cars") == d / "default.yaml"
+    assert default_search_space_path("my_task") == d / "default.yaml"
+    assert default_search_space_path("shapes") == d / "shapes.yaml"
+    assert default_search_space_path("shapes") != default_search_space_path("cars")
