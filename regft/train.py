@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -53,7 +52,6 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from PIL import Image
 from ray.data import DataContext, RandomSeedConfig
 from ray.data.expressions import random as row_random
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -81,6 +79,7 @@ from regft.engine import (
 from regft.ensemble import EnsembleError, alpha_grid, interpolate
 from regft.export import architecture_or_none
 from regft.generate import GenerationConfig, ensure_dataset
+from regft.images import decode_image
 from regft.loop import (
     AlphaChoice,
     EpochStats,
@@ -245,8 +244,7 @@ class DecodeAugment:
             # torch.manual_seed: it also seeds every accelerator backend, and per row that cut
             # the pipeline's throughput to a third.)
             torch.default_generator.manual_seed(int(float(u) * FLOAT_MANTISSA))
-            with Image.open(io.BytesIO(png)) as img:
-                images.append(to_uint8(self.pil_transform(img.convert("RGB"))).numpy())
+            images.append(to_uint8(self.pil_transform(decode_image(png))).numpy())
         return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
 
 
