@@ -1,4 +1,4 @@
-"""torch.distributed helpers for the training loop. Assembly ring: no Ray, plain torch.
+"""torch.distributed helpers for the training loop. Pure ring: plain torch, no Ray, no files.
 
 Everything here is the identity (or a local computation) when torch.distributed is not
 initialised, so the same engine code runs in a single process, in a unit test and in a Ray Train
@@ -103,7 +103,3 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(parts, padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
 
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()

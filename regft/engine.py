@@ -1,9 +1,10 @@
-"""Plain-torch training and evaluation pieces (assembly ring: no Ray, no file I/O).
+"""Plain-torch training and evaluation pieces (no Ray, no file I/O).
 
-The Ray Train worker loop (`regft.train`) and the unit tests call these same functions:
+The epoch loop built on them (`regft.loop`: train_epoch, choose_alpha, fit), the Ray Train
+worker (`regft.train`) and the unit tests call these same functions:
 
 - `build_optimizer` / `build_scheduler`: AdamW on every trainable parameter (weight decay 0.1),
-  linear warm-up then cosine to 0 (the WiSE-FT schedule, method.md).
+  linear warm-up then cosine to 0 (the WiSE-FT schedule, docs/method.md).
 - `train_step`: one step of CE + VC (VC on the embeddings of *all* ranks, via `gather_fn`),
   optional autocast + GradScaler, gradient-norm clipping.
 - `evaluate`: top-1 accuracy and the embeddings of a set of batches.
@@ -272,6 +273,7 @@ def alpha_sweep(
 
 
 ALPHA_RULES = ("knee", "1se", "argmax")
+KNEE_MIN_LIFT = 1e-12  # a lift above the diagonal smaller than this is rounding: no knee
 
 
 def select_alpha(curve: Sequence[tuple[float, float]], rule: str = "argmax",
@@ -290,8 +292,9 @@ def select_alpha(curve: Sequence[tuple[float, float]], rule: str = "argmax",
     Why not plain argmax: a *generated* validation split rewards the generated style, so its
     accuracy keeps rising towards alpha 1 after the part that transfers to real images has been
     learned (docs/shapes-testbed.md). 1se stops where the rise drops below the noise of n_val
-    images, which near 100 % accuracy is a tiny margin, so it still lands at 0.7-1.0; the knee
-    stops where the rise flattens, whatever n_val. No rule has a free parameter. NaN values (an
+    images, which near 100 % accuracy is a tiny margin, so it still lands close to alpha 1 (the
+    testbed's measured picks: docs/shapes-testbed.md); the knee stops where the rise flattens,
+    whatever n_val. No rule has a free parameter. NaN values (an
     empty split) are never selected unless all are NaN.
     """
     if not curve:
@@ -323,7 +326,7 @@ def _knee(curve: list[tuple[float, float]]) -> float | None:
     # distance above the diagonal of the unit square; ties go to the smallest alpha
     lift = [((v - v_lo) / (v_hi - v_lo) - (a - a_lo) / (a_hi - a_lo), -a) for a, v in curve]
     top, neg_a = max(lift)
-    return float(-neg_a) if top > 1e-12 else None
+    return float(-neg_a) if top > KNEE_MIN_LIFT else None
 
 
 def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:

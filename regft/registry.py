@@ -70,8 +70,9 @@ class RegftPyfuncModel(mlflow.pyfunc.PythonModel):
     # The DataFrame hint is one MLflow infers no schema from (so it neither converts nor
     # warns); lists, Series and uint8 arrays of images are accepted as well.
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        batch_size = int((params or {}).get("batch_size", 64))
-        return prediction_frame(self.model.predict(images_from_input(model_input), batch_size=batch_size))
+        # a batch_size param overrides the export's own default (ExportedClassifier.predict)
+        kwargs = {"batch_size": int(params["batch_size"])} if params and "batch_size" in params else {}
+        return prediction_frame(self.model.predict(images_from_input(model_input), **kwargs))
 
 
 def _requirements() -> list[str]:

@@ -10,11 +10,13 @@ weight-space ensemble on the selection split. Only then is the real test split o
 to report zero-shot / fine-tuned / ensemble numbers. The same worker loop serves the CLI and
 every Ray Tune trial (regft.tune builds the trainer with `build_trainer`).
 
-Reported metrics (docs/ARCHITECTURE.md): per epoch `epoch, train_loss, ce_loss, vc_loss,
-vc_variance, vc_covariance, lr, images_per_s, synthetic_val_acc, [real_val_acc], div_magnitude,
-div_direction, effective_rank, select_metric`; a final report (with `final: True`) adds
-`best_epoch, best_alpha, alpha_curve, selection_metric` and `zs_/ft_/ens_<split>_acc`.
-"ft" is the best epoch by the selection metric (the checkpoint the ensemble starts from); the
+The worker (`train_fn_per_worker`) is a table of contents over named steps: setup_worker,
+build_zero_shot, Evaluator, build_optimization, restore, then per epoch loop.train_epoch (the
+shared plain-torch loop), epoch_report, send; then choose_worker_alpha (loop.choose_alpha on the
+selection split), report_only_numbers and the final send. What it reports is typed in
+regft.reports: an EpochReport per epoch, a DivergedReport if the loss goes NaN/inf, and one
+FinalReport (`final: True`: best epoch, best alpha, the alpha curves, `zs_/ft_/ens_<split>_acc`).
+"ft" is the best epoch by the selection split (the checkpoint the ensemble starts from); the
 final report's `select_metric` is the ensemble's value at `best_alpha` (it is one report after
 the last epoch, with the ensemble weights as its checkpoint).
 
@@ -27,9 +29,10 @@ device. Ray Data therefore needs CPUs of its own: `regft.resources.check_resourc
 `DATA_CPUS` beyond num_workers x cpus_per_worker, otherwise Train would wait forever. Validation
 splits are small and read by every rank (each evaluates every world-th item; counts are summed).
 
-Checkpoints are plain state dicts (`model.pt`, torch.load(..., weights_only=True)) + `meta.json`
-(+ `train_state.pt`: optimizer/scheduler state for resuming). The best `keep_checkpoints` are kept
-by `select_metric`; a restarted run (FailureConfig, or a Tune trial) resumes from the latest.
+Checkpoints (regft.checkpoint) are plain state dicts (`model.pt`, torch.load(...,
+weights_only=True)) + `meta.json` (+ `train_state.pt`: optimizer/scheduler state for resuming).
+The best `keep_checkpoints` are kept by `select_metric`; a restarted run (FailureConfig, or a
+Tune trial) resumes from the latest.
 """
 from __future__ import annotations
 
@@ -126,7 +129,8 @@ def default_alpha_grid() -> list[float]:
 
 @dataclass
 class TrainConfig:
-    """Every training setting, with the paper's defaults (method.md). The one place defaults live."""
+    """Every training setting, with the paper's defaults (docs/method.md). The one place they
+    live: the search settings hold a TrainConfig, and regft.loop.fit reads one."""
 
     # task: a catalog name or a class-name file (optionally its first N classes)
     task: str | None = None
