@@ -26,6 +26,10 @@ from regft.realdata import open_real_split
 from regft.registry import resolve_model
 from regft.tasks import Task
 
+# The eval batch size for an export that recorded none (written by export.export_checkpoint, not
+# by a search): TrainConfig.eval_batch_size's default, restated because regft.train imports Ray.
+UNRECORDED_EVAL_BATCH_SIZE = 256
+
 
 def task_of(meta: dict):
     """The Task the export was trained for (class names in label order), for label mapping."""
@@ -74,7 +78,7 @@ def _main(argv: list[str] | None) -> int:
     if not real_test:
         raise UserError(f"MODEL {args.model}: the run reported no real test split; give "
                         "--real-test PATH")
-    batch_size = args.batch_size or int(recorded.get("eval_batch_size") or 256)
+    batch_size = args.batch_size or int(recorded.get("eval_batch_size") or UNRECORDED_EVAL_BATCH_SIZE)
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     result = evaluate_export(model, real_test, batch_size, args.device)

@@ -357,3 +357,11 @@ def test_search_keeps_the_export_when_registration_fails(trained, tmp_path, monk
         task=Task(name="colours", classnames=NAMES), dataset_path="/x/ds-1", evaluation={})
     assert out == {"export": None, "model_uri": None}
     assert "could not export" in capsys.readouterr().err
+
+
+def test_evaluate_falls_back_to_the_training_eval_batch_size():
+    """An export that recorded no eval batch size is evaluated as training evaluated it."""
+    from regft.evaluate import UNRECORDED_EVAL_BATCH_SIZE
+    from regft.train import TrainConfig
+
+    assert UNRECORDED_EVAL_BATCH_SIZE == TrainConfig().eval_batch_size
