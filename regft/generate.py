@@ -325,55 +325,114 @@ def check_request(cfg: GenerationConfig):
     return task, generator
 
 
+@dataclass(frozen=True)
+class DatasetPlan:
+    """What a request resolves to: the task, the generator's identity, the spec that determines
+    the images (its hash is the dataset id), the dataset's location and its items in id order."""
+
+    task: Task
+    identity: dict
+    spec: dict
+    dataset_id: str
+    path: str
+    items: list[Item]
+
+
+@dataclass
+class PipelineRun:
+    """What the Ray Data job of one call committed."""
+
+    records: dict[int, dict] = field(default_factory=dict)  # shard index -> manifest record
+    runtimes: dict[str, int] = field(default_factory=dict)  # actor runtime (JSON) -> shards
+    shard_times: list[float] = field(default_factory=list)  # s after start when each landed
+    seconds: float = 0.0
+
+
 def generate_dataset(cfg: GenerationConfig, *, fault: dict | None = None) -> GenerationResult:
-    """Make sure the dataset `cfg` describes is complete in the store; generate what is missing."""
+    """Make sure the dataset `cfg` describes is complete in the store; generate what is missing
+    (the module docstring's flow, one named step each)."""
+    plan = plan_dataset(cfg)                                              # 1. validate, id, items
+    existing = read_existing_manifest(plan)                               # 2. a run before this
+    if existing and existing.get("complete") and _all_shards_present(plan.path, existing):
+        return GenerationResult(plan.path, plan.dataset_id, len(plan.items), 0, 0.0, existing)
+    shards, manifest = lay_out_shards(cfg, plan, existing)                # 3. fixed shards
+    pending = pending_shards(plan.path, shards)                           # 4. what is missing
+    run = generate_shards(cfg, plan, shards, pending, fault)              # 5. Ray Data actors
+    records = verified_records(plan.path, shards, run.records)            # 6. all shards there
+    generated = sum(len(shards[k]) for k in pending)
+    write_final_manifest(cfg, plan.path, manifest, records, run, generated)  # 7. manifest, samples
+    return GenerationResult(plan.path, plan.dataset_id, len(plan.items), generated, run.seconds,
+                            manifest, run.shard_times)
+
+
+def plan_dataset(cfg: GenerationConfig) -> DatasetPlan:
     task, generator = check_request(cfg)
     identity = generator.identity()
     spec = dataset_spec(cfg, task, identity)
     did = dataset_id(spec)
-    path = st.dataset_path(cfg.effective_store(), did)
     items = sorted(make_items(task.name, list(task.gen_names), task.generation_template,
                               cfg.images_per_class, cfg.seed, cfg.prompt_strategy),
                    key=lambda it: it.item_id)
+    return DatasetPlan(task, identity, spec, did, st.dataset_path(cfg.effective_store(), did), items)
 
-    existing = st.read_manifest(path)
-    if existing is not None and existing.get("spec") != spec:
-        raise UserError(f"{path}: manifest describes a different dataset (hash collision or an "
+
+def read_existing_manifest(plan: DatasetPlan) -> dict | None:
+    """The manifest already at the dataset's path (None: a new dataset); refused if it describes
+    another dataset."""
+    existing = st.read_manifest(plan.path)
+    if existing is not None and existing.get("spec") != plan.spec:
+        raise UserError(f"{plan.path}: manifest describes a different dataset (hash collision or an "
                         "edited manifest); move it away and re-run")
-    if existing and existing.get("complete"):
-        on_disk = st.list_shards(path)
-        if all(s["index"] in on_disk for s in existing["shards"]):
-            return GenerationResult(path, did, len(items), 0, 0.0, existing)
+    return existing
 
+
+def _all_shards_present(path: str, manifest: dict) -> bool:
+    on_disk = st.list_shards(path)
+    return all(s["index"] in on_disk for s in manifest["shards"])
+
+
+def lay_out_shards(cfg: GenerationConfig, plan: DatasetPlan, existing: dict | None):
+    """The items cut into shards, and the manifest that records the layout (written at once for a
+    new or re-made dataset, with complete=false while anything is missing)."""
     # the shard layout of a started dataset wins over the request: resume must cut items the same way
     shard_size = (existing or {}).get("layout", {}).get("shard_size") or cfg.shard_size
-    shards = chunk(items, shard_size)
-    manifest = _base_manifest(cfg, task, spec, did, items, shard_size, len(shards))
+    shards = chunk(plan.items, shard_size)
+    manifest = _base_manifest(cfg, plan.task, plan.spec, plan.dataset_id, plan.items, shard_size,
+                              len(shards))
     if existing is None or existing.get("complete"):
-        # complete=false while anything is missing; it also records the layout for a resume
-        st.write_manifest(path, manifest)
+        st.write_manifest(plan.path, manifest)
+    return shards, manifest
 
-    kept: set[int] = set()  # committed by an earlier run and holding exactly the expected items
+
+def pending_shards(path: str, shards: list[list[Item]]) -> list[int]:
+    """Shards still to generate. A committed shard is kept when it holds exactly the expected
+    items; a corrupt or foreign one is deleted (a name in shards/ is never half-written here)."""
+    kept: set[int] = set()
     for k in sorted(st.list_shards(path)):
         if k < len(shards) and st.shard_item_ids(path, k) == [it.item_id for it in shards[k]]:
             kept.add(k)
-        else:  # corrupt or foreign (a name in shards/ is never half-written by this code)
+        else:
             st.delete_shard(path, k)
-    pending = [k for k in range(len(shards)) if k not in kept]
+    return [k for k in range(len(shards)) if k not in kept]
 
-    if pending:
-        ensure_ray()  # start-up (seconds) is not counted as generation time
+
+def generate_shards(cfg: GenerationConfig, plan: DatasetPlan, shards: list[list[Item]],
+                    pending: list[int], fault: dict | None) -> PipelineRun:
+    run = PipelineRun()
+    if not pending:
+        return run
+    ensure_ray()  # start-up (seconds) is not counted as generation time
     t_gen = time.perf_counter()
-    new_records: dict[int, dict] = {}
-    runtimes: dict[str, int] = {}
-    shard_times: list[float] = []
-    if pending:
-        for rec, runtime, t in _run_pipeline(cfg, identity, path, shards, pending, fault):
-            new_records[rec["index"]] = rec
-            runtimes[runtime] = runtimes.get(runtime, 0) + 1
-            shard_times.append(t - t_gen)
-    seconds = time.perf_counter() - t_gen if pending else 0.0
+    for rec, runtime, t in _run_pipeline(cfg, plan.identity, plan.path, shards, pending, fault):
+        run.records[rec["index"]] = rec
+        run.runtimes[runtime] = run.runtimes.get(runtime, 0) + 1
+        run.shard_times.append(t - t_gen)
+    run.seconds = time.perf_counter() - t_gen
+    return run
 
+
+def verified_records(path: str, shards: list[list[Item]], new_records: dict[int, dict]) -> list[dict]:
+    """Every shard's manifest record, in order, each checked to be on disk with all its rows."""
     on_disk = st.list_shards(path)
     unseen = [k for k in new_records if k not in on_disk]
     if unseen:
@@ -388,24 +447,27 @@ def generate_dataset(cfg: GenerationConfig, *, fault: dict | None = None) -> Gen
         if not rec or rec["rows"] != len(shards[k]):
             raise RuntimeError(f"shard {k} of {path} is missing or damaged after generation")
         records.append(rec)
+    return records
+
+
+def write_final_manifest(cfg: GenerationConfig, path: str, manifest: dict, records: list[dict],
+                         run: PipelineRun, generated: int) -> None:
+    """The manifest, written last (complete=true), then samples.png next to it."""
     devices: dict[str, int] = {}
-    for runtime, n in runtimes.items():
+    for runtime, n in run.runtimes.items():
         r = json.loads(runtime)
-        key = f"{r.get('device', '?')}/{r.get('torch_dtype', '-')}"
+        key = f"{r.get('device', '?')}/{r.get('torch_dtype', '-')}"  # placeholders for display
         devices[key] = devices.get(key, 0) + n
     manifest.update(
         complete=True,
         shards=records,
-        runtime={"shards_by_device": devices, "generation_seconds": round(seconds, 3),
-                 "generated_images": sum(len(shards[k]) for k in pending),
-                 "versions": _versions()},
+        runtime={"shards_by_device": devices, "generation_seconds": round(run.seconds, 3),
+                 "generated_images": generated, "versions": _versions()},
     )
     st.write_manifest(path, manifest)
     st.clear_tmp(path)
     if cfg.samples:
         st.write_sample_grid(path, manifest)
-    return GenerationResult(path, did, len(items), sum(len(shards[k]) for k in pending), seconds,
-                            manifest, shard_times)
 
 
 def ensure_dataset(cfg: GenerationConfig) -> str:
@@ -452,10 +514,8 @@ def _versions() -> dict:
 
 def _run_pipeline(cfg, identity, path, shards, pending, fault):
     """Run the Ray Data job over the pending shards; returns [(record, runtime json, arrival)]."""
-    import ray.data
+    import ray.data  # Ray only where the job runs: the request's checks above need none
     from tqdm.auto import tqdm
-
-    ensure_ray()
 
     plan = plan_actors(cfg, ray.cluster_resources(), _cluster_cpus_per_node(ray), len(pending))
     options = dict(cfg.generator_options)
