@@ -14,6 +14,7 @@ self-edge is not a cycle.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -286,3 +287,35 @@ def test_importing_the_pure_modules_pulls_in_no_ray_mlflow_or_optuna():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"pure modules pulled in: {out.stdout}"
+
+
+# ------------------------------------------------------ the doc tells the same story ----
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
+
+
+def ring_table(text: str) -> dict[str, str]:
+    """module -> ring, from the doc's table rows `| ring | `module` | what it holds |`."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0] in RINGS and cells[1].startswith("`"):
+            rows[cells[1].strip("`")] = cells[0]
+    return rows
+
+
+def test_architecture_doc_places_every_module_as_the_test_does():
+    """docs/ARCHITECTURE.md's ring table lists every module, in the ring RINGS gives it."""
+    table = ring_table(ARCHITECTURE.read_text(encoding="utf-8"))
+    placed = {m: ring for ring, members in RINGS.items() for m in members}
+    assert table == placed, (f"only in the doc: {sorted(set(table) - set(placed))}; only in RINGS: "
+                             f"{sorted(set(placed) - set(table))}; other ring: "
+                             f"{sorted(m for m in set(table) & set(placed) if table[m] != placed[m])}")
+
+
+def test_every_module_the_architecture_doc_names_exists():
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    modules = set(package_modules(PACKAGE_DIR)) | PENDING
+    # module paths, `python -m regft.X`, `regft.X.name` (a one-dot `regft.x` is an MLflow tag)
+    named = set(re.findall(r"regft/([a-z_]+)\.py", text)) | set(re.findall(r"-m regft\.([a-z_]+)", text))
+    named |= set(re.findall(r"regft\.([a-z_]+)\.[A-Za-z_]", text)) | set(ring_table(text))
+    assert named - modules == set(), f"the doc names modules that do not exist: {sorted(named - modules)}"
