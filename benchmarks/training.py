@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/training.py --images 4096 --repeats 1  # quicker, noisier
 
 Same model (tiny CLIP, zero-shot head), same data (a store-format dataset of PNGs written here),
-same step (regft.engine.train_step: CE + VC, AdamW, clipping), same global batch. Each side gets
+same epoch (regft.loop.train_epoch over regft.engine.train_step: CE + VC, AdamW, clipping; the
+Ray worker runs it too), same global batch. Each side gets
 the same CPUs: the plain loop decodes/augments in one DataLoader worker process and trains with
 one torch thread; the Ray loop trains in one worker (1 CPU, one thread) while Ray Data
 decodes/augments on the remaining CPU. The 2-worker run gives each worker 0.5 CPU (the machine
@@ -56,15 +57,17 @@ def write_dataset(path: Path, n_images: int, size: int = 32, shard_size: int = 2
 
 
 def plain_loop(cfg, dataset_path: str) -> list[float]:
-    """The same step in one process: torch DataLoader (1 decode worker) -> train_step."""
+    """The same epochs in one process: a torch DataLoader (1 decode worker) feeding
+    regft.loop.train_epoch, the loop the Ray worker runs."""
     import torch
 
-    from regft import engine
+    from regft import engine, loop
     from regft.models import build_classifier, create_clip
     from regft.store import TorchImageDataset
     from regft.train import resolve_train_task
 
     torch.set_num_threads(1)
+    device = torch.device("cpu")
     bundle = create_clip(cfg.model, cfg.pretrained, seed=cfg.seed)
     model = build_classifier(bundle, resolve_train_task(cfg))
     tf = engine.split_clip_transform(bundle.preprocess_train)
@@ -73,17 +76,16 @@ def plain_loop(cfg, dataset_path: str) -> list[float]:
                                          num_workers=1, persistent_workers=True, prefetch_factor=4)
     opt = engine.build_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = engine.build_scheduler(opt, cfg.warmup_steps, len(loader) * cfg.epochs)
-    rates = []
-    for _ in range(cfg.epochs):
-        model.train()
-        n, t0 = 0, time.perf_counter()
+    precision = loop.precision_for(cfg.precision, device)
+
+    def batches():
         for images, labels in loader:
-            images = engine.normalize_uint8(images, tf.mean, tf.std)
-            engine.train_step(model, (images, labels), opt, sched, vc_weight=cfg.vc_weight,
-                              vc_cov_ratio=cfg.vc_cov_ratio, grad_clip=cfg.grad_clip)
-            n += images.shape[0]
-        rates.append(n / (time.perf_counter() - t0))
-    return rates
+            yield engine.normalize_uint8(images, tf.mean, tf.std), labels
+
+    return [loop.train_epoch(model, batches(), opt, sched, vc_weight=cfg.vc_weight,
+                             vc_cov_ratio=cfg.vc_cov_ratio, grad_clip=cfg.grad_clip,
+                             precision=precision, device=device).images_per_s
+            for _ in range(cfg.epochs)]
 
 
 def ray_loop(cfg, dataset_path: str, storage: str, name: str) -> list[float]:
