@@ -398,7 +398,7 @@ def real_split_problems(task: Task, path: str | None, split: str) -> list[str]:
         return []  # nothing given, or the testbed's rendered split (nothing to check)
     try:
         ds = open_real_split(task, path, split)
-    except ValueError as e:
+    except UserError as e:  # a bug's ValueError keeps its traceback
         return [str(e)]
     return [f"--real-{split} {path}: no images"] if ds is not None and len(ds) == 0 else []
 
