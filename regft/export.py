@@ -17,6 +17,7 @@ this for the Model Registry).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,59 @@ REQUIRED = {  # key -> accepted JSON types
     "open_clip": (dict,), "classnames": (list,), "num_classes": (int,), "embed_dim": (int,),
     "alpha": (int, float),
 }
+
+
+# -------------------------------------------------------------- optional sections ----
+@dataclass(frozen=True, kw_only=True)
+class TaskSection:
+    """`task`: the task the export was trained for, enough to re-evaluate it (regft.evaluate)."""
+
+    name: str | None = None
+    real_test: str | None = None  # its real test split: a path, or tasks.SHAPES_REAL
+    generation_classnames: list[str] = field(default_factory=list)  # the generator's prompts' names
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationSection:
+    """`evaluation`: how the logged real-test number was computed."""
+
+    real_test: str | None = None
+    eval_batch_size: int | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlflowSection:
+    """`mlflow`: where the export was logged and registered."""
+
+    run_id: str | None = None
+    registered_name: str | None = None
+    experiment_id: str | None = None
+
+
+SECTIONS = {"task": TaskSection, "evaluation": EvaluationSection, "mlflow": MlflowSection}
+Section = TaskSection | EvaluationSection | MlflowSection
+
+
+def _as_section(name: str, value: Section | dict | None, where: str) -> Section:
+    cls = SECTIONS[name]
+    if isinstance(value, cls):
+        return value
+    if value is not None and not isinstance(value, dict):
+        raise ExportError(f"{where}: section {name!r} must be an object, got {type(value).__name__}")
+    data = value or {}  # absent or empty: nothing recorded (an export made outside a search)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ExportError(f"{where}: section {name!r} has unknown keys {unknown} (known: "
+                          f"{', '.join(known)})")
+    return cls(**data)
+
+
+def section(meta: dict, name: str) -> Section:
+    """The typed optional section `name` ("task", "evaluation" or "mlflow") of an export's JSON
+    (`read_meta`); fields that were not recorded are None (empty for lists)."""
+    return _as_section(name, meta.get(name), META_FILE)
 
 
 # ------------------------------------------------------------------- architecture ----
@@ -129,16 +183,19 @@ def _clean_metrics(metrics: dict) -> dict:
 
 def write_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, model: str,
                  pretrained: str | None, architecture: dict, classnames: Sequence[str], alpha: float,
-                 task: dict | None = None, dataset_id: str | None = None,
-                 mlflow: dict | None = None, metrics: dict | None = None,
-                 evaluation: dict | None = None, extra: dict | None = None) -> Path:
+                 task: TaskSection | dict | None = None, dataset_id: str | None = None,
+                 mlflow: MlflowSection | dict | None = None, metrics: dict | None = None,
+                 evaluation: EvaluationSection | dict | None = None,
+                 extra: dict | None = None) -> Path:
     """Write `folder/model.safetensors` + `folder/regft_model.json` and return the folder.
 
     `state_dict`: an ImageClassifier's (visual.* + head.linear.*). `architecture`:
-    `architecture_of(bundle)`. `task`: {"name", "real_test", "generation_classnames"} (for
-    re-evaluation). `evaluation`: how the logged numbers were computed (real_test path,
-    eval_batch_size). The folder is written complete or not at all (temp name, then renamed).
+    `architecture_of(bundle)`. `task`, `evaluation`, `mlflow`: the optional sections (a
+    section dataclass, or a dict of its fields). The folder is written complete or not at all
+    (temp name, then renamed).
     """
+    sections = {name: dataclasses.asdict(_as_section(name, value, "write_export"))
+                for name, value in (("task", task), ("mlflow", mlflow), ("evaluation", evaluation))}
     classnames = [str(c) for c in classnames]
     if HEAD_WEIGHT not in state_dict:
         raise ExportError(f"state dict has no {HEAD_WEIGHT!r}: not an ImageClassifier's weights")
@@ -167,11 +224,11 @@ def write_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, mod
             "classnames": classnames,
             "head": {"normalize": True},  # logits = W @ normalize(features) + b
             "alpha": float(alpha),
-            "task": task or {},
+            "task": sections["task"],
             "dataset_id": dataset_id,
-            "mlflow": mlflow or {},
+            "mlflow": sections["mlflow"],
             "metrics": _clean_metrics(metrics or {}),
-            "evaluation": evaluation or {},
+            "evaluation": sections["evaluation"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {}),
         }
@@ -198,7 +255,7 @@ def export_checkpoint(checkpoint_dir: str | Path, folder: str | Path, **kwargs) 
     metrics = {**meta.metrics.to_dict(), **kwargs.pop("metrics", {})}
     extra = {"best_epoch": meta.metrics.best_epoch, **kwargs.pop("extra", {})}
     args = {"model": meta.model, "pretrained": meta.pretrained, "classnames": meta.classnames,
-            "alpha": meta.alpha, "task": {"name": meta.task}, **kwargs}
+            "alpha": meta.alpha, "task": TaskSection(name=meta.task), **kwargs}
     return write_export(folder, state, architecture=arch, metrics=metrics, extra=extra, **args)
 
 
@@ -233,6 +290,8 @@ def read_meta(folder: str | Path) -> dict:
         raise ExportError(f"{path}: weights {meta['weights']!r} must be a file name in the folder")
     if "model_cfg" not in meta["open_clip"]:
         raise ExportError(f"{path}: open_clip.model_cfg is missing")
+    for name in SECTIONS:
+        _as_section(name, meta.get(name), str(path))  # refused here, not when first read
     return meta
 
 

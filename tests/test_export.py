@@ -135,6 +135,24 @@ def test_export_is_safetensors_and_json_and_loads_without_unpickling(trained, mo
     assert ex.load_export(folder).num_classes == 4
 
 
+def test_optional_sections_are_typed_and_unknown_keys_refused(trained, tmp_path):
+    meta = ex.read_meta(trained["folder"])
+    task = ex.section(meta, "task")
+    assert task == ex.TaskSection(name="colours", real_test=None)
+    assert ex.section(meta, "mlflow").run_id == "0" * 32
+    assert ex.section(meta, "evaluation") == ex.EvaluationSection()  # nothing recorded
+    assert ex.section({}, "task") == ex.TaskSection()  # an export made outside a search
+    with pytest.raises(ex.ExportError, match="section 'mlflow' has unknown keys \\['runid'\\]"):
+        ex.section({"mlflow": {"runid": "x"}}, "mlflow")
+    copy = tmp_path / "copy"
+    shutil.copytree(trained["folder"], copy)
+    raw = json.loads((copy / ex.META_FILE).read_text())
+    raw["evaluation"] = {"real_tset": "x"}
+    (copy / ex.META_FILE).write_text(json.dumps(raw))
+    with pytest.raises(ex.ExportError, match="real_tset"):
+        ex.read_meta(copy)
+
+
 def test_export_and_local_predict_import_neither_ray_nor_mlflow(trained):
     code = ("import sys\nfrom regft.export import load_export\nfrom regft.predict import resolve_model\n"
             f"load_export(resolve_model({str(trained['folder'])!r}, None, '/nonexistent'))\n"
