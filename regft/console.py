@@ -87,6 +87,8 @@ HIDDEN: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), why) for p, w
      "Ray Data, about its own progress-bar labels"),
     (r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group",
      "Ray Train's placement-group cleaner after every finished run"),
+    (r"INFO tune\.py:\d+ -- Wrote the latest version of all result files and experiment state",
+     "Tune's INFO when the search ends; the summary names the search's folder"),
     (r"INFO mlflow\.store\.db\.utils: (Creating initial MLflow database tables|Updating database "
      r"tables)",
      "MLflow creating its SQLite tables on first use"),

@@ -31,23 +31,27 @@ from ray.tune import Callback
 from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
 from ray.util.queue import Empty, Queue
 
-# Tune's status table every this many seconds (Tune's own default is 30: on a 4-minute search
-# that is 8 tables for 2 trials, more lines than the epochs themselves)
-STATUS_INTERVAL_S = 60
+# Tune's status table every this many seconds. Tune's own is 30: on the 5-minute smoke search
+# that is 10 tables of ~10 lines for 2 trials, more lines than all the epochs; the epoch lines
+# already say how each trial goes, the table is the overview.
+STATUS_INTERVAL_S = 120
 # the metric columns of the status table (Tune would pick the first four it finds)
 TABLE_METRICS = ["epoch", "train_loss", "select_metric"]
 # How long the driver waits on the epoch-line queue before checking whether the run ended.
 QUEUE_POLL_S = 0.5
 
 
-def epoch_line(trial: str, result: dict[str, Any], epochs: int | None, *, again: bool = False) -> str:
+def epoch_line(result: dict[str, Any], epochs: int | None, trial: str | None = None, *,
+               again: bool = False) -> str:
     """`trial 75e447d1  epoch  3/13  loss 0.1726  select 0.9542  347 img/s` from an epoch report
-    (regft.reports.EpochReport's wire keys)."""
+    (regft.reports.EpochReport's wire keys); without `trial` (a Train run) it starts at `epoch`."""
     of = f"/{epochs}" if epochs else ""
     width = len(str(epochs)) if epochs else 1
-    line = (f"trial {trial}  epoch {result['epoch']:>{width}}{of}  loss {result['train_loss']:.4f}"
+    line = (f"epoch {result['epoch']:>{width}}{of}  loss {result['train_loss']:.4f}"
             f"  select {result['select_metric']:.4f}  {result['images_per_s']:.0f} img/s")
-    return line + ("  (again: the run restarted from an earlier checkpoint)" if again else "")
+    if again:
+        line += "  (again: the run restarted from an earlier checkpoint)"
+    return f"trial {trial}  {line}" if trial else line
 
 
 def end_line(trial: str, last: dict[str, Any] | None, epochs: int | None, stopper: str) -> str:
@@ -103,7 +107,7 @@ class TrialLines(Callback):
             return  # the end line says it
         again = result["epoch"] <= self._last_epoch.get(trial.trial_id, 0)
         self._last_epoch[trial.trial_id] = result["epoch"]
-        print(epoch_line(trial.trial_id, result, self._epochs, again=again), flush=True)
+        print(epoch_line(result, self._epochs, trial.trial_id, again=again), flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info):
         print(end_line(trial.trial_id, trial.last_result, self._epochs, self._stopper), flush=True)
@@ -133,7 +137,7 @@ class _EpochQueue(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint):
         report = metrics[0] if metrics else {}
         if "epoch" in report and report.get("final") is not True and report.get("diverged") is not True:
-            self._queue.put(epoch_line("run", report, self._epochs).replace("trial run  ", "", 1))
+            self._queue.put(epoch_line(report, self._epochs))
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -166,6 +167,45 @@ def class_background(classname: str) -> np.ndarray:
     return 0.45 * np.asarray(COLOURS[colour]) + 0.55 * 0.72 + offset
 
 
+@dataclass(frozen=True)
+class _Draws:
+    """Every random number of one image, drawn in this fixed order whatever the gap."""
+
+    r_real: float  # object radius, real domain
+    c_real: np.ndarray  # (2,) object centre, real domain
+    angle_real: float
+    col_jit: np.ndarray  # (3,) colour jitter
+    bright: float
+    bg_mean: np.ndarray  # (3,) real background colour
+    bg_field: np.ndarray  # (H, W, 3) low-frequency background variation
+    noise: np.ndarray  # (H, W, 3) pixel noise
+    r_gen: float  # object radius, generated domain
+    c_gen: np.ndarray  # (2,) object centre, generated domain
+    bg_gen_jit: np.ndarray  # (3,) jitter of the class background
+
+
+def _draw(rng: np.random.Generator, resolution: int) -> _Draws:
+    r_real = rng.uniform(0.40, 0.65)
+    return _Draws(
+        r_real=r_real,
+        c_real=rng.uniform(-1, 1, 2) * (0.95 - r_real),
+        angle_real=rng.uniform(-0.3, 0.3),
+        col_jit=rng.normal(0, 0.05, 3),
+        bright=rng.uniform(0.8, 1.1),
+        bg_mean=0.5 * rng.uniform(0.15, 0.85) + 0.5 * rng.uniform(0, 1, 3),
+        bg_field=_smooth_field(rng, resolution, 4, 3),
+        noise=rng.standard_normal((resolution, resolution, 3)),
+        r_gen=rng.uniform(0.62, 0.78),
+        c_gen=rng.normal(0, 0.04, 2),
+        bg_gen_jit=rng.normal(0, 0.05, 3),
+    )
+
+
+def _downsample(a: np.ndarray, resolution: int) -> np.ndarray:
+    """(2H, 2W) supersampled -> (H, W), each pixel the mean of its 2x2 block."""
+    return a.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))
+
+
 def render(classname: str, seed: int, gap: float = 0.0, resolution: int = 32) -> np.ndarray:
     """One image, uint8 (resolution, resolution, 3): real domain at gap=0, generated at gap=1.
 
@@ -177,48 +217,34 @@ def render(classname: str, seed: int, gap: float = 0.0, resolution: int = 32) ->
     if resolution < 8:
         raise UserError(f"shapes: resolution must be >= 8, got {resolution}")
     colour, shape = parse_classname(classname)
-    rng = _rng(classname, seed)
+    d = _draw(_rng(classname, seed), resolution)
     g = float(gap)
     ss = 2 * resolution  # supersampled grid, averaged 2x2 at the end (anti-aliasing)
 
-    # --- random draws (fixed order) ---
-    r_real = rng.uniform(0.40, 0.65)
-    c_real = rng.uniform(-1, 1, 2) * (0.95 - r_real)
-    angle_real = rng.uniform(-0.3, 0.3)
-    col_jit = rng.normal(0, 0.05, 3)
-    bright = rng.uniform(0.8, 1.1)
-    bg_mean = 0.5 * rng.uniform(0.15, 0.85) + 0.5 * rng.uniform(0, 1, 3)
-    bg_field = _smooth_field(rng, resolution, 4, 3)
-    noise = rng.standard_normal((resolution, resolution, 3))
-    r_gen = rng.uniform(0.62, 0.78)
-    c_gen = rng.normal(0, 0.04, 2)
-    bg_gen_jit = rng.normal(0, 0.05, 3)
-
     # --- geometry: random placement (real) -> centred and large (generated) ---
-    r = (1 - g) * r_real + g * r_gen
-    cx, cy = (1 - g) * c_real + g * c_gen
-    angle = (1 - g) * angle_real
+    r = (1 - g) * d.r_real + g * d.r_gen
+    cx, cy = (1 - g) * d.c_real + g * d.c_gen
+    angle = (1 - g) * d.angle_real
     p = (np.arange(ss) + 0.5) / ss * 2 - 1
     u, v = np.meshgrid(p, p)  # u: x (columns), v: y (rows, down)
     ca, sa = np.cos(angle), np.sin(angle)
     xo = (ca * (u - cx) + sa * (v - cy)) / r
     yo = (-sa * (u - cx) + ca * (v - cy)) / r
     mask_ss = _shape_mask(shape, xo, yo).astype(np.float64)
-    mask = mask_ss.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))[..., None]  # (H, W, 1)
+    mask = _downsample(mask_ss, resolution)[..., None]  # (H, W, 1)
 
     # --- object colour: jitter, then saturation/contrast boost and shading with the gap ---
     base = np.asarray(COLOURS[colour])
-    col = np.clip((base + col_jit) * bright, 0, 1)
+    col = np.clip((base + d.col_jit) * d.bright, 0, 1)
     sat = col.mean() + (col - col.mean()) * 1.4
     col = (1 - g) * col + g * np.clip(sat, 0, 1)
-    xs = xo.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))
-    ys = yo.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))
+    xs, ys = _downsample(xo, resolution), _downsample(yo, resolution)
     shade = 1.0 + g * 0.22 * (-0.5 * xs - 0.5 * ys).clip(-1.5, 1.5)  # "3D" lighting texture
     obj = col[None, None, :] * shade[..., None]
 
     # --- background: random smooth colour (real) -> class-correlated studio colour ---
-    bg_real = bg_mean[None, None, :] + 0.10 * bg_field
-    bg_cls = class_background(classname) + bg_gen_jit
+    bg_real = d.bg_mean[None, None, :] + 0.10 * d.bg_field
+    bg_cls = class_background(classname) + d.bg_gen_jit
     vgrad = np.linspace(0.08, -0.08, resolution)[:, None, None]
     bg = (1 - g) * bg_real + g * (bg_cls[None, None, :] + vgrad)
 
@@ -227,11 +253,11 @@ def render(classname: str, seed: int, gap: float = 0.0, resolution: int = 32) ->
     # --- outline: dark rim just outside the object, opacity = gap ---
     if g > 0:
         grown = _shape_mask(shape, xo / 1.12, yo / 1.12).astype(np.float64)
-        rim = grown.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))[..., None] - mask
+        rim = _downsample(grown, resolution)[..., None] - mask
         img = img * (1 - g * 0.85 * rim.clip(0, 1)) + 0.0
 
     # --- noise down, blur up with the gap ---
-    img = img + ((1 - g) * 0.04 + g * 0.015) * noise
+    img = img + ((1 - g) * 0.04 + g * 0.015) * d.noise
     img = _blur(img, 0.7 * g)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 

@@ -195,3 +195,20 @@ def test_the_end_says_where_the_full_log_is(tmp_path, capfd):
         console.add_note("workers' output: /tmp/ray/session_x/logs")
     assert capfd.readouterr().err == (f"full log: {tmp_path / 'run.log'}\n"
                                       "workers' output: /tmp/ray/session_x/logs\n")
+
+
+def test_epoch_and_end_lines():
+    from regft.console_ray import end_line, epoch_line  # imports Ray (no cluster)
+
+    epoch = {"epoch": 3, "train_loss": 0.17264, "select_metric": 0.95424, "images_per_s": 347.1}
+    assert epoch_line(epoch, 13, "75e447d1") == \
+        "trial 75e447d1  epoch  3/13  loss 0.1726  select 0.9542  347 img/s"
+    assert epoch_line(epoch, 13) == "epoch  3/13  loss 0.1726  select 0.9542  347 img/s"
+    final = {"final": True, "select_metric": 0.96732, "best_alpha": 0.7, "best_epoch": 13}
+    assert end_line("75e447d1", final, 13, "ASHA") == \
+        "trial 75e447d1  finished: select 0.9673 (alpha 0.70, best epoch 13/13)"
+    assert end_line("7b1c485e", {**epoch, "epoch": 4}, 13, "ASHA") == \
+        "trial 7b1c485e  stopped early by ASHA after epoch 4/13 (select 0.9542)"
+    diverged = {"diverged": True, "epoch": 2, "train_loss": float("nan"), "select_metric": 0.0}
+    assert end_line("x", diverged, 13, "ASHA") == \
+        "trial x  diverged at epoch 2/13 (loss nan): stopped, scored 0.0"
