@@ -1,8 +1,10 @@
 """Task catalog: a name-only task is its class names (label order), CLIP zero-shot templates,
 the generation template and names, and optionally per-class descriptions for the head.
 
-Class names are package data (`regft/data/tasks/*.json`, sources in `regft/data/SOURCES.md`).
-A user task comes from a text file of class names, one per line (`task_from_classnames_file`).
+Class names are package data (`regft/data/tasks/*.json`, sources in `regft/data/SOURCES.md`),
+the procedural testbed's `shapes.json` included (its real test split, `SHAPES_REAL`, is rendered
+by regft.shapes). A user task comes from a text file of class names, one per line
+(`task_from_classnames_file`).
 """
 from __future__ import annotations
 
