@@ -37,14 +37,14 @@ from huggingface_hub import model_info
 from regft.errors import UserError, WeightsUnavailable
 from regft.hub import hub_reachable
 from regft.shapes import ShapesGenerator
-from regft.tiny_diffusion import TINY_SD_VERSION, materialize_tiny_pipeline
+from regft.tiny_diffusion import TINY_RESOLUTION, TINY_SD_VERSION, materialize_tiny_pipeline
 
 # diffusers is imported where a pipeline is located or loaded: it takes seconds, and the driver
 # builds generators (shapes, identity checks) without ever loading one
 
 PAPER_GENERATOR = "stabilityai/stable-diffusion-2-1-base"  # docs/method.md: SD 2.1-base
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-NATIVE_RESOLUTION = {"tiny": 32, "shapes": 32}  # anything else: a real SD model, 512 px
+NATIVE_RESOLUTION = {"tiny": TINY_RESOLUTION, "shapes": 32}  # anything else: a real SD model, 512 px
 DEFAULT_RESOLUTION = 512
 
 
