@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from huggingface_hub import model_info
 
+from regft import shapes
 from regft.errors import UserError, WeightsUnavailable
 from regft.hub import hub_reachable
-from regft.shapes import ShapesGenerator
 from regft.tiny_diffusion import TINY_RESOLUTION, TINY_SD_VERSION, materialize_tiny_pipeline
 
 # diffusers is imported where a pipeline is located or loaded: it takes seconds, and the driver
@@ -44,7 +44,8 @@ from regft.tiny_diffusion import TINY_RESOLUTION, TINY_SD_VERSION, materialize_t
 
 PAPER_GENERATOR = "stabilityai/stable-diffusion-2-1-base"  # docs/method.md: SD 2.1-base
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-NATIVE_RESOLUTION = {"tiny": TINY_RESOLUTION, "shapes": 32}  # anything else: a real SD model, 512 px
+# generators with a native size; anything else is a real Stable Diffusion model, 512 px
+NATIVE_RESOLUTION = {"tiny": TINY_RESOLUTION, "shapes": shapes.RESOLUTION}
 DEFAULT_RESOLUTION = 512
 
 
@@ -227,7 +228,7 @@ def make_generator(name: str, *, resolution: int, steps: int, guidance: float,
     shapes takes `gap`; diffusers models take `revision` and `negative_prompt`."""
     options = dict(options or {})
     if name == "shapes":
-        return ShapesGenerator(resolution=resolution, **options)
+        return shapes.ShapesGenerator(resolution=resolution, **options)
     allowed = {"revision", "negative_prompt"}
     unknown = sorted(set(options) - allowed)
     if unknown:

@@ -57,6 +57,7 @@ TASK_CLASSES = tuple(
 TEMPLATES = ("a photo of a {}.",)
 GENERATION_TEMPLATE = "a photo of a {}."
 REAL_TEST_PER_CLASS = 100  # 1,600 real test images
+RESOLUTION = 32  # pixels: the shipped CLIP's input size, and every default below
 REAL_TEST_SEED = 0
 # captions of the pretraining pairs (scripts/pretrain_shapes.py); {c} colour, {s} shape
 CAPTION_TEMPLATES = (
@@ -206,7 +207,7 @@ def _downsample(a: np.ndarray, resolution: int) -> np.ndarray:
     return a.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))
 
 
-def render(classname: str, seed: int, gap: float = 0.0, resolution: int = 32) -> np.ndarray:
+def render(classname: str, seed: int, gap: float = 0.0, resolution: int = RESOLUTION) -> np.ndarray:
     """One image, uint8 (resolution, resolution, 3): real domain at gap=0, generated at gap=1.
 
     A pure function of its arguments. All random numbers are drawn in the same order for every
@@ -270,7 +271,7 @@ def real_seed(classname: str, index: int, seed: int, split: str) -> int:
 def render_real_test(
     n_per_class: int = REAL_TEST_PER_CLASS,
     seed: int = REAL_TEST_SEED,
-    resolution: int = 32,
+    resolution: int = RESOLUTION,
     classnames: tuple[str, ...] = TASK_CLASSES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The task's real test split: (images uint8 N x H x W x 3, labels int64 N), class-major."""
@@ -285,7 +286,7 @@ def render_real_test(
 
 
 def write_real_test(root: str, n_per_class: int = REAL_TEST_PER_CLASS, seed: int = REAL_TEST_SEED,
-                    resolution: int = 32) -> str:
+                    resolution: int = RESOLUTION) -> str:
     """Write the real test split as an ImageFolder tree root/<class name>/<index>.png."""
     images, labels = render_real_test(n_per_class, seed, resolution)
     out = Path(root)
@@ -306,7 +307,7 @@ class ShapesGenerator:
     are accepted for interface compatibility and ignored (the class name carries the content).
     """
 
-    def __init__(self, resolution: int = 32, gap: float = 1.0):
+    def __init__(self, resolution: int = RESOLUTION, gap: float = 1.0):
         problems = []
         if not isinstance(resolution, int) or resolution < 8:
             problems.append(f"resolution must be an int >= 8, got {resolution!r}")
