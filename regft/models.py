@@ -171,18 +171,19 @@ def build_classifier(bundle: ClipBundle, task, device="cpu"):
 
 
 def _main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m regft.models",
         description="Check (or download, where the hub is reachable) CLIP weights for offline use.",
     )
-    p.add_argument("--model", default="ViT-B-16")
-    p.add_argument("--pretrained", default="openai")
-    p.add_argument("--download", action="store_true", help="build the model once, downloading its weights")
-    args = p.parse_args(argv)
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--pretrained", default="openai")
+    parser.add_argument("--download", action="store_true",
+                        help="build the model once, downloading its weights")
+    args = parser.parse_args(argv)
     how, value = check_weights_available(args.model, args.pretrained)
     if args.download:
         bundle = create_clip(args.model, args.pretrained)
-        n = sum(p.numel() for p in bundle.model.parameters())
+        n = sum(t.numel() for t in bundle.model.parameters())
         print(f"{args.model}/{args.pretrained}: ready ({n / 1e6:.1f} M parameters)")
     else:
         print(f"{args.model}/{args.pretrained}: {how} {value or ''}".rstrip())
