@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import errno
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import sys
@@ -36,8 +37,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
+import ray.data
+import torch
+from tqdm.auto import tqdm
 
-from regft import faults
+from regft import faults, raylocal
 from regft import store as st
 from regft.cli import UserError, entry_point
 from regft.generators import DTYPES, PAPER_GENERATOR, make_generator, native_resolution
@@ -254,8 +259,6 @@ class ShardWorker:
     def __init__(self, generator: str, resolution: int, steps: int, guidance: float, dtype: str,
                  options: dict, device: str, threads: int, dataset_path: str, output_size: int,
                  batch_size: int, fault: dict | None = None):
-        import torch
-
         if device == "cpu":
             torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor
         self.generator = make_generator(generator, resolution=resolution, steps=steps,
@@ -287,8 +290,6 @@ class ShardWorker:
 
 def ensure_ray():
     """Connect to RAY_ADDRESS or start a local Ray, unless Ray is already initialised."""
-    from regft import raylocal
-
     return raylocal.init(quiet=True)
 
 
@@ -501,8 +502,6 @@ def _base_manifest(cfg, task, spec, did, items, shard_size, num_shards) -> dict:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
     out = {}
     for pkg in ("regft", "diffusers", "torch", "ray", "transformers"):
         try:
@@ -514,9 +513,6 @@ def _versions() -> dict:
 
 def _run_pipeline(cfg, identity, path, shards, pending, fault):
     """Run the Ray Data job over the pending shards; returns [(record, runtime json, arrival)]."""
-    import ray.data  # Ray only where the job runs: the request's checks above need none
-    from tqdm.auto import tqdm
-
     plan = plan_actors(cfg, ray.cluster_resources(), _cluster_cpus_per_node(ray), len(pending))
     options = dict(cfg.generator_options)
     if identity.get("generator") == "diffusers" and cfg.generator != "tiny" \
@@ -648,8 +644,6 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    import ray
-
     started_here = not ray.is_initialized()
     try:
         res = generate_dataset(cfg)
@@ -674,7 +668,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # import through the package so exception classes are the same objects entry_point catches
-    from regft.generate import main as _pkg_main
-
-    raise SystemExit(_pkg_main())
+    raise SystemExit(main())

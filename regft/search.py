@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 import ray.train
 import yaml
 from mlflow.tracking import MlflowClient
+from optuna.visualization import matplotlib as ovm
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -194,14 +195,6 @@ def generation_config(s: SearchSettings) -> GenerationConfig:
         use_gpu=s.gpus_per_trial > 0)
 
 
-def settings_params(s: SearchSettings) -> dict[str, Any]:
-    """The settings as MLflow parameters of the parent run: `train.<field>`, `generation.<field>`."""
-    params = {k: v for k, v in dataclasses.asdict(s).items() if k not in (*SECTIONS, *RUN_ONLY)}
-    for name in SECTIONS:
-        params.update({f"{name}.{k}": v for k, v in dataclasses.asdict(getattr(s, name)).items()})
-    return params
-
-
 # -------------------------------------------------------------------- 1. the plan --
 
 @dataclass(frozen=True)
@@ -215,6 +208,16 @@ class SearchPlan:
     tracking_uri: str
     generation: GenerationConfig
     trial: TrainConfig  # what every trial starts from (its sampled values override)
+
+
+def search_params(plan: SearchPlan) -> dict[str, Any]:
+    """The parent run's MLflow parameters: the search's own options, then the trials' training
+    config and the generation request as they run (`train.<field>`, `generation.<field>`)."""
+    s = plan.settings
+    params = {k: v for k, v in dataclasses.asdict(s).items() if k not in (*SECTIONS, *RUN_ONLY)}
+    for name, cfg in (("train", plan.trial), ("generation", plan.generation)):
+        params.update({f"{name}.{k}": v for k, v in dataclasses.asdict(cfg).items()})
+    return {**params, "search_space_file": plan.space_path, "num_classes": plan.task.num_classes}
 
 
 def plan_search(s: SearchSettings, flag_problems: list[str] = ()) -> SearchPlan:
@@ -382,9 +385,7 @@ def open_parent_run(plan: SearchPlan, layout: SearchLayout) -> ParentRun:
     if run is None:
         run = client.create_run(exp_id, run_name=f"search-{layout.name}",
                                 tags={**tags, "regft.task": plan.task.name})
-        params = {**settings_params(s), "search_space_file": plan.space_path,
-                  "num_classes": plan.task.num_classes}
-        for k, v in flat_params(params).items():
+        for k, v in flat_params(search_params(plan)).items():
             client.log_param(run.info.run_id, k, v)
     client.update_run(run.info.run_id, status="RUNNING")
     return ParentRun(client, experiment, exp_id, run.info.run_id)
@@ -668,13 +669,8 @@ def log_parent(parent: ParentRun, space: SearchSpace, outcome: SearchOutcome, st
 
 
 def optuna_figures(study_url: str, study_name: str):
-    """Optuna's parameter-importance and parallel-coordinate plots (matplotlib backend)."""
-    # matplotlib's backend is chosen where figures are drawn, not on import (it is process-wide)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as ovm
-
+    """Optuna's parameter-importance and parallel-coordinate plots (matplotlib backend; Agg, as
+    regft.tracking sets it)."""
     study = optuna.load_study(study_name=study_name, storage=study_url)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     figs = []

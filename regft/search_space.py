@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from ray import tune
+
 from regft.cli import UserError
+from regft.ensemble import alpha_grid
 
 DISTRIBUTIONS = {"loguniform", "uniform", "choice", "int", "logint"}
 DIM_KEYS = {"distribution", "low", "high", "values", "step", "why"}
@@ -44,8 +48,6 @@ class Dimension:
 
     def to_tune(self):
         """The Ray Tune domain (OptunaSearch converts it to an Optuna distribution)."""
-        from ray import tune
-
         if self.distribution == "loguniform":
             return tune.loguniform(self.low, self.high)
         if self.distribution == "uniform":
@@ -68,8 +70,6 @@ class AlphaGrid:
     why: str = ""
 
     def values(self) -> list[float]:
-        from regft.ensemble import alpha_grid
-
         return alpha_grid(self.step, self.low, self.high)
 
 
@@ -191,8 +191,6 @@ def parse_search_space(data: Any, where: str = "search space", text: str = "",
 
 
 def load_search_space(path: str | Path, known_fields: set[str] | None = None) -> SearchSpace:
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--search-space {p}: file not found")
