@@ -22,8 +22,15 @@ from __future__ import annotations
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-FINAL_KEY = "final"
-DIVERGED_KEY = "diverged"
+from regft.reports import DivergedReport, FinalReport
+
+DIVERGED_ATTR = "diverged"  # the Optuna user attribute of a diverged trial
+
+
+def is_report(result: dict, kind) -> bool:
+    """Whether a Tune result is a report of `kind` (FinalReport, DivergedReport): it carries that
+    kind's fixed wire values (an epoch report carries neither kind's)."""
+    return all(k in result and result[k] == v for k, v in kind.WIRE.items())
 
 
 class FinishedOnlyOptunaSearch(OptunaSearch):
@@ -35,14 +42,14 @@ class FinishedOnlyOptunaSearch(OptunaSearch):
             return None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        if error or not result or result.get(FINAL_KEY):
+        if error or not result or is_report(result, FinalReport):
             return super().on_trial_complete(trial_id, result, error)
         if trial_id in self._completed_trials:
             return None
         # stopped before its final (ensembled) result: pruned, not complete
         ot_trial = self._ot_trials[trial_id]
-        if result.get(DIVERGED_KEY):
-            ot_trial.set_user_attr(DIVERGED_KEY, True)
+        if is_report(result, DivergedReport):
+            ot_trial.set_user_attr(DIVERGED_ATTR, True)
         try:
             self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
         except optuna.exceptions.UpdateFinishedTrialError:  # told before the driver died

@@ -18,17 +18,13 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from regft.mlflow_store import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, find_run, flat_params, numeric_metrics
+from regft.reports import DivergedReport, FinalReport
+from regft.searcher import is_report
 
 matplotlib.use("Agg")  # figures are drawn in the driver, never shown (before pyplot is imported)
 import matplotlib.pyplot as plt  # noqa: E402
 
-# The wire keys of regft.reports that mark a result's kind (an epoch report carries neither)
-FINAL, DIVERGED = "final", "diverged"
 ALPHA_STEPS = 100  # alpha curves are logged as metric steps in percent (MLflow steps are integers)
-
-
-def _is(result: dict[str, Any], kind: str) -> bool:
-    return result.get(kind) is True  # a flag of the report's kind: absent on the other kinds
 
 
 def alpha_curve_figure(curves: dict[str, list], selected: float | None, title: str):
@@ -118,7 +114,7 @@ class MLflowTrialCallback(Callback):
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
-        if _is(result, FINAL):
+        if is_report(result, FinalReport):
             self._log_final(run_id, trial, result)
 
     def _log_final(self, run_id, trial, result):
@@ -138,12 +134,12 @@ class MLflowTrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}  # a trial may end before it reports anything
         run_id = self.run_id_for(trial)
-        if _is(last, DIVERGED):  # NaN/inf loss: the trial stopped itself (regft.train)
+        if is_report(last, DivergedReport):  # NaN/inf loss: the trial stopped itself (regft.train)
             self.client.set_tag(run_id, "regft.outcome", "diverged")
             self.client.set_tag(run_id, "regft.diverged", "true")
             self.client.set_terminated(run_id, status="FAILED")
             return
-        status = "FINISHED" if _is(last, FINAL) else "KILLED"
+        status = "FINISHED" if is_report(last, FinalReport) else "KILLED"
         self.client.set_tag(run_id, "regft.outcome", "finished" if status == "FINISHED" else "stopped early")
         self.client.set_terminated(run_id, status=status)
 
