@@ -68,8 +68,8 @@ HIDDEN: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), why) for p, w
      "Ray Train, once per reported epoch; the epoch line says the same"),
     (r"To visualize your results with TensorBoard, run:",
      "Tune's TensorBoard hint; the event files are in Tune's folder, named in the log"),
-    (r"WARNING util\.py:\d+ -- (The `[\w.]+` operation took|Processing trial results took) "
-     r"[\d.]+ s, which may be a performance bottleneck",
+    (r"(The `[\w.]+` operation took|Processing trial results took) [\d.]+ s, which may be a "
+     r"performance bottleneck",
      "Tune's slow-callback timer (TUNE_WARN_THRESHOLD_S, 0.5 s): the MLflow callback logging "
      "a trial's final curves on a small machine trips it"),
     (r"streaming_executor\.py:\d+ -- (Starting execution of Dataset|Execution plan of Dataset"

@@ -50,6 +50,11 @@ RAY_NOISE = (
     "20261201-134704-75e447d1/checkpoint_2026-12-01_13-48-29.255188), metrics={'epoch': 1})\n"
     "To visualize your results with TensorBoard, run: `tensorboard --logdir /tmp/ray/session_"
     "2026-12-01_13-46-56_853877_3803/artifacts/2026-12-01_13-47-19/shapes-smoke/driver_artifacts`\n"
+    "2026-12-01 13:49:47,111\tWARNING util.py:212 -- Processing trial results took 0.768 s, "
+    "which may be a performance bottleneck. Please consider reporting results less frequently "
+    "to Ray Tune.\n"
+    "The `callbacks.on_trial_result` operation took 1.054 s, which may be a performance "
+    "bottleneck.\n"  # the same, where Ray's logging is not configured (the tests' Ray)
     "2026-12-01 13:47:08,489\tWARNING __init__.py:28 -- Progress bars disabled. To enable, set "
     "`ray.data.DataContext.get_current().enable_progress_bars = True`.\n"
 )
