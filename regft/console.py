@@ -449,11 +449,14 @@ class Console:
         sys.stdout, sys.stderr = self._streams
         self._streams = None
         finished = [tee.stop() for tee in self._tees]
+        closing = "\n".join([f"full log: {self.log.path}", *self.notes]) + "\n"
+        if self.announce:  # the log gets the closing lines too: it holds all that was shown
+            self.log.write(closing.encode("utf-8", "replace"))
         if all(finished):
             self.log.close()
         if self.announce:
-            print("\n".join([f"full log: {self.log.path}", *self.notes]), file=sys.stderr,
-                  flush=True)
+            sys.stderr.write(closing)
+            sys.stderr.flush()
 
 
 _active: list[Console] = []  # the running session, so deep code can move its log

@@ -198,8 +198,9 @@ def test_the_end_says_where_the_full_log_is(tmp_path, capfd):
     with console.session(tmp_path / "run.log"):
         print("x")
         console.add_note("workers' output: /tmp/ray/session_x/logs")
-    assert capfd.readouterr().err == (f"full log: {tmp_path / 'run.log'}\n"
-                                      "workers' output: /tmp/ray/session_x/logs\n")
+    closing = f"full log: {tmp_path / 'run.log'}\nworkers' output: /tmp/ray/session_x/logs\n"
+    assert capfd.readouterr().err == closing
+    assert (tmp_path / "run.log").read_text() == "x\n" + closing
 
 
 def test_epoch_and_end_lines():
