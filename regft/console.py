@@ -444,6 +444,8 @@ class Console:
             return
         if exc is not None and not isinstance(exc, SystemExit):
             self.log.write("".join(traceback.format_exception(exc)).encode("utf-8", "replace"))
+            self.announce = False  # the error's own message (entry_point's, or the traceback) is
+            # what the user needs to read last; the log has it too
         self._flush_python()
         _flush_c_stdio()
         sys.stdout, sys.stderr = self._streams

@@ -218,3 +218,10 @@ def test_epoch_and_end_lines():
     diverged = {"diverged": True, "epoch": 2, "train_loss": float("nan"), "select_metric": 0.0}
     assert end_line("x", diverged, 13, "ASHA") == \
         "trial x  diverged at epoch 2/13 (loss nan): stopped, scored 0.0"
+
+
+def test_an_error_is_the_last_thing_shown(tmp_path, capfd):
+    with pytest.raises(RuntimeError):
+        with console.session(tmp_path / "run.log"):
+            raise RuntimeError("boom")
+    assert capfd.readouterr().err == ""  # no "full log:" line after it: the error comes last
