@@ -21,7 +21,7 @@ import torch
 from regft import engine
 from regft.cli import entry_point
 from regft.errors import UserError
-from regft.export import load_export
+from regft.export import load_export, section
 from regft.realdata import open_real_split
 from regft.registry import resolve_model
 from regft.tasks import Task
@@ -31,13 +31,13 @@ from regft.tasks import Task
 UNRECORDED_EVAL_BATCH_SIZE = 256
 
 
-def task_of(meta: dict):
+def task_of(meta: dict) -> Task:
     """The Task the export was trained for (class names in label order), for label mapping."""
-    t = meta.get("task") or {}
-    gen = t.get("generation_classnames") or ()
-    return Task(name=str(t.get("name") or "exported"), classnames=tuple(meta["classnames"]),
+    t = section(meta, "task")
+    gen = t.generation_classnames
+    return Task(name=t.name or "exported", classnames=tuple(meta["classnames"]),
                 generation_classnames=tuple(gen) if len(gen) == len(meta["classnames"]) else (),
-                real_test=t.get("real_test"), source="export")
+                real_test=t.real_test, source="export")
 
 
 def evaluate_export(model, real_test: str, batch_size: int, device: str = "cpu") -> dict:
@@ -73,20 +73,20 @@ def _main(argv: list[str] | None) -> int:
         folder = resolve_model(args.model, args.tracking_uri, tmp)
         model = load_export(folder)
     meta = model.meta
-    recorded = meta.get("evaluation") or {}
-    real_test = args.real_test or recorded.get("real_test")
+    recorded = section(meta, "evaluation")
+    real_test = args.real_test or recorded.real_test
     if not real_test:
         raise UserError(f"MODEL {args.model}: the run reported no real test split; give "
                         "--real-test PATH")
-    batch_size = args.batch_size or int(recorded.get("eval_batch_size") or UNRECORDED_EVAL_BATCH_SIZE)
+    batch_size = args.batch_size or recorded.eval_batch_size or UNRECORDED_EVAL_BATCH_SIZE
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     result = evaluate_export(model, real_test, batch_size, args.device)
     logged = meta.get("metrics", {}).get("ens_real_test_acc")
-    same_split = real_test == recorded.get("real_test")
+    same_split = real_test == recorded.real_test
     out = {"model": str(args.model), "real_test": real_test, **result, "alpha": meta["alpha"],
            "logged_accuracy": logged if same_split else None,
-           "mlflow_run_id": (meta.get("mlflow") or {}).get("run_id"),
+           "mlflow_run_id": section(meta, "mlflow").run_id,
            "reproduced": (result["accuracy"] == logged) if same_split and logged is not None else None}
     if args.json:
         print(json.dumps(out))
@@ -98,7 +98,7 @@ def _main(argv: list[str] | None) -> int:
             print(f"logged for this model (ens_real_test_acc, MLflow run {out['mlflow_run_id']}): "
                   f"{logged:.4f}: {verdict}")
         elif not same_split:
-            print(f"(the run reported on {recorded.get('real_test')!r}; nothing logged to compare with)")
+            print(f"(the run reported on {recorded.real_test!r}; nothing logged to compare with)")
     return 1 if out["reproduced"] is False else 0
 
 
