@@ -33,7 +33,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -499,8 +498,3 @@ def session(log_path: Path | str | None = None, *, verbose: bool = False,
         raise
     _active.remove(con)
     con.stop()
-
-
-def wait_idle(seconds: float = PARTIAL_LINE_WAIT_S * 2) -> None:
-    """Let the reader threads catch up (tests)."""
-    time.sleep(seconds)
