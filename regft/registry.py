@@ -30,6 +30,7 @@ from regft import checkpoint
 from regft.cli import redact
 from regft.errors import UserError
 from regft.export import META_FILE, export_checkpoint, find_export, load_export, read_meta
+from regft.mlflow_store import check_tracking_uri, resolve_tracking_uri
 
 ARTIFACT_PATH = "regft_model"  # the export folder under the run's artifacts
 PYFUNC_NAME = "classifier"  # the logged pyfunc model's name
@@ -212,9 +213,6 @@ def resolve_model(model: str, tracking_uri: str | None, tmp: str) -> Path:
     if path.exists():
         return find_export(path)
     if model.startswith(("models:/", "runs:/")) or RUN_ID.match(model):
-        # the URI rules (regft.mlflow_store, no Ray) only for models that live in MLflow
-        from regft.mlflow_store import check_tracking_uri, resolve_tracking_uri
-
         uri = resolve_tracking_uri(tracking_uri)
         problems = check_tracking_uri(uri)  # seconds, instead of MLflow's minutes of retries
         if problems:
