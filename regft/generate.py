@@ -42,7 +42,7 @@ import ray.data
 import torch
 from tqdm.auto import tqdm
 
-from regft import faults, raylocal
+from regft import console, faults, raylocal
 from regft import store as st
 from regft.cli import UserError, entry_point
 from regft.generators import DTYPES, PAPER_GENERATOR, make_generator, native_resolution
@@ -303,7 +303,11 @@ def check_request(cfg: GenerationConfig):
     task = None
     if cfg.task or cfg.classnames_file:
         try:
-            task = resolve_task(cfg.task, cfg.classnames_file, cfg.max_classes)  # Task.first: <task>-firstN
+            whole = resolve_task(cfg.task, cfg.classnames_file)
+            # The dataset id and every per-image seed hash the task's name: the first N classes
+            # keep the whole task's name, so they get exactly the images the whole task's dataset
+            # has for them (and the ids of datasets made before stay the same)
+            task = dataclasses.replace(whole.first(cfg.max_classes), name=whole.name)
         except TaskError as e:
             problems.append(str(e))
     if not any(p.startswith("store") for p in problems):
@@ -614,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generator option, repeatable (shapes: gap=0.5; SD: revision=..., "
                         "negative_prompt=...); VALUE is parsed as JSON when it can be")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (workers' logs); the full log is written either way")
     p.add_argument("--no-samples", action="store_true", help="do not write samples.png")
     return p
 
@@ -644,8 +650,14 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    with console.session(verbose=args.verbose):  # a full log; the terminal: the bar, the result
+        return _generate_and_print(cfg, args.verbose)
+
+
+def _generate_and_print(cfg: GenerationConfig, verbose: bool) -> int:
     started_here = not ray.is_initialized()
     try:
+        raylocal.init(quiet=not verbose)  # --verbose: Ray's own logging and the workers' output
         res = generate_dataset(cfg)
     finally:
         if started_here and ray.is_initialized():

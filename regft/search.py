@@ -38,9 +38,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from regft import raylocal, store
+from regft import console, raylocal, store
 from regft.cli import redact
 from regft.config import from_dict
+from regft.console_ray import TrialLines, ray_logs_dir
 from regft.errors import UserError
 from regft.generate import GenerationConfig, check_request, ensure_dataset
 from regft.mlflow_store import (
@@ -102,6 +103,7 @@ class SearchSettings:
     resume: bool = False
     address: str | None = None  # Ray cluster; default RAY_ADDRESS, else a local Ray
     check_only: bool = False
+    verbose: bool = False  # Ray's own console output instead of regft.console's lines
     resource_check: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -279,7 +281,8 @@ def check_cluster(plan: SearchPlan) -> dict[str, float]:
     """Step 2: Ray, then what the cluster must offer: shared storage on several nodes, room for
     one trial, and a training config every trial can start with."""
     s = plan.settings
-    raylocal.init(s.address)
+    raylocal.init(s.address, log_to_driver=s.verbose)
+    console.add_note(f"workers' output: Ray's session logs in {ray_logs_dir()}")
     cap = cluster_capacity()
     problems = check_shared_storage(s.storage)
     if s.resource_check:
@@ -463,8 +466,26 @@ def build_tuner(plan: SearchPlan, layout: SearchLayout, parent: ParentRun, datas
             scheduler=scheduler, max_concurrent_trials=n_conc,
         ),
         run_config=tune.RunConfig(name=layout.name, storage_path=layout.searches_root,
-                                  callbacks=[callback], verbose=1),
+                                  callbacks=console_callbacks(plan) + [callback],
+                                  verbose=1 if s.verbose else 0),
     )
+
+
+def console_callbacks(plan: SearchPlan) -> list:
+    """One line per epoch per trial and per trial end, Tune's table now and then (regft.console_ray);
+    none with --verbose (Tune's own output, verbose=1)."""
+    s = plan.settings
+    if s.verbose:
+        return []
+    return [TrialLines(epochs=plan.trial.epochs,
+                       stopper="ASHA" if s.scheduler == "asha" else "the scheduler")]
+
+
+def search_log(layout: SearchLayout) -> Path:
+    """search.log next to the search's state; for a URI storage root, in the driver's home."""
+    if store.is_uri(layout.root):
+        return Path.home() / ".regft" / "logs" / f"{layout.name}.log"
+    return Path(layout.experiment_path) / "search.log"
 
 
 # ---------------------------------------------------------------- 7. the results --
@@ -702,7 +723,9 @@ def run_search(s: SearchSettings, flag_problems: list[str] = ()) -> int:
     layout = layout_search(plan)                                        # 3
     parent = open_parent_run(plan, layout)                              # 4
     dataset_path = prepare_dataset(plan, parent)                        # 5
-    results = build_tuner(plan, layout, parent, dataset_path, cap).fit()  # 6
+    tuner = build_tuner(plan, layout, parent, dataset_path, cap)       # 6
+    console.log_to(search_log(layout))  # only now: Tune creates the folder as fit() starts
+    results = tuner.fit()
     outcome = collect_results(results, plan, layout, parent)            # 7
     if outcome.best is None:
         return fail_search(layout, parent)

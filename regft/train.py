@@ -37,6 +37,7 @@ Tune trial) resumes from the latest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -60,10 +61,11 @@ from ray.data.expressions import random as row_random
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from regft import checkpoint as ckpt
-from regft import faults, raylocal
+from regft import console, faults, raylocal
 from regft import store as st
 from regft.cli import UserError, entry_point
 from regft.config import from_dict
+from regft.console_ray import ray_logs_dir, train_epoch_lines
 from regft.distributed import all_reduce_sum, gather_features, gather_rows, rank_and_world
 from regft.engine import (
     ALPHA_RULES,
@@ -721,9 +723,11 @@ class RunResult:
 
 
 def run(cfg: TrainConfig, dataset_path: str, storage: str | None = None, name: str | None = None,
-        check_cluster: bool = True, max_failures: int = 0, fault: dict | None = None) -> RunResult:
+        check_cluster: bool = True, max_failures: int = 0, fault: dict | None = None,
+        callbacks: list | None = None) -> RunResult:
     """Validate everything, fine-tune with Ray Train, return the final metrics and checkpoint.
-    Ray must be initialised (the CLI does it)."""
+    Ray must be initialised (the CLI does it). `callbacks`: ray.train.UserCallbacks (the CLI's
+    epoch lines, regft.console_ray.train_epoch_lines)."""
     problems = cfg.validate()
     if not problems:
         problems += check_dataset(cfg, dataset_path) + check_real_data(cfg)
@@ -733,7 +737,8 @@ def run(cfg: TrainConfig, dataset_path: str, storage: str | None = None, name: s
         raise UserError(problems)
     storage = os.path.abspath(storage or "regft_runs/train") if "://" not in (storage or "") else storage
     run_config = ray.train.RunConfig(name=name or run_name(cfg, dataset_path), storage_path=storage,
-                                     failure_config=ray.train.FailureConfig(max_failures=max_failures))
+                                     failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                     callbacks=callbacks)
     result = build_trainer(cfg, dataset_path, run_config, fault=fault).fit()
     if result.error:
         raise result.error
@@ -821,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restart a failed run this many times, from its latest checkpoint")
     p.add_argument("--json", dest="json_out", help="also write the final metrics to this JSON file")
     p.add_argument("--audit-log", help="record when each evaluation split is opened (JSON lines)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (workers' logs); the full log is written either way")
     return p
 
 
@@ -851,10 +858,20 @@ def _main(argv: list[str] | None) -> int:
         if unsafe_name_problem(args.name, "--name"):
             raise UserError(unsafe_name_problem(args.name, "--name"))
     cfg = config_from_args(args)
-    raylocal.init(args.address)
+    with console.session(verbose=args.verbose):
+        return _train_and_print(args, cfg)
+
+
+def _train_and_print(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    raylocal.init(args.address, log_to_driver=args.verbose)
     dataset_path = resolve_dataset(args.dataset, cfg, args.store)
-    result = run(cfg, dataset_path, storage=args.storage, name=args.name,
-                 max_failures=args.max_failures)
+    # one line per epoch from the driver (the workers' own output stays in Ray's session logs)
+    with contextlib.nullcontext() if args.verbose else train_epoch_lines(cfg.epochs) as lines:
+        result = run(cfg, dataset_path, storage=args.storage, name=args.name,
+                     max_failures=args.max_failures, callbacks=[lines] if lines else None)
+    if "://" not in result.run_path:
+        console.log_to(Path(result.run_path) / "train.log")
+    console.add_note(f"workers' output: Ray's session logs in {ray_logs_dir()}")
     report = result.report
     if isinstance(report, DivergedReport):
         print(f"error: training diverged at epoch {report.epoch} (loss {report.train_loss}); "

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from regft import console
 from regft.cli import entry_point
 from regft.tasks import unsafe_name_problem
 
@@ -86,6 +87,8 @@ FLAGS = (
     Flag("--resume", "resume", None, "continue the search --name (or the latest one of this task)"),
     Flag("--address", "address", help="Ray cluster address (default RAY_ADDRESS or local)"),
     Flag("--check-only", "check_only", None, "validate and exit"),
+    Flag("--verbose", "verbose", None, "show Ray's own output (workers' logs, Tune's per-trial "
+         "tables); the full log is written either way"),
     Flag("--audit-log", "train.audit_log",
          help="append when each trial opened each eval split (JSON lines) to this file"),
     Flag("--no-resource-check", "resource_check", None,
@@ -169,12 +172,17 @@ def flag_problems(settings) -> list[str]:
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     values, preset = parse_flags(argv)
-    # the search imports torch, Ray Tune and MLflow (seconds): only once the flags parsed, so
-    # --help and a bad flag answer at once
-    from regft import search
+    # everything from here on also goes to search.log (moved next to the search's state once
+    # that is known); the terminal gets what a person needs (regft.console). The session opens
+    # before the heavy imports, so loggers they create (Optuna's, Ray's) write through it.
+    # --verbose is a store_true flag that is absent unless given (parse_flags).
+    with console.session(verbose="verbose" in values):
+        # the search imports torch, Ray Tune and MLflow (seconds): only once the flags parsed,
+        # so --help and a bad flag answer at once
+        from regft import search
 
-    settings = search.settings_from(values, preset)
-    return search.run_search(settings, flag_problems(settings))
+        settings = search.settings_from(values, preset)
+        return search.run_search(settings, flag_problems(settings))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def shapes_smoke(_ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes-smoke")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    # both streams, as a person sees them: regft.console filters what reaches them (issue 15)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         rc = main(["shapes", "--preset", "smoke", "--num-samples", "1", "--name", "smoke-e2e",
                    "--storage", str(root / "runs"), "--tracking-uri", uri,
                    "--audit-log", str(root / "audit.jsonl")])

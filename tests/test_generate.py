@@ -349,3 +349,28 @@ def test_gpu_requested_on_a_cpu_cluster_fails_before_any_work(ray_local, classna
                              "--use-gpu", *ARGS])
     assert rc == 2 and "no GPU" in err and "Traceback" not in err
     assert not any(st.list_shards(str(p)) for p in tmp_path.iterdir() if p.is_dir())
+
+
+def test_console_hides_rays_internal_lines_unless_verbose(no_local_ray, classnames_file, tmp_path,
+                                                         regft_cache):
+    """Issue 15, two tiny generations as a user runs them (own process, output to a pipe): Ray's
+    core worker (C++, fd 2) warns about the first map actor and Ray Data logs each execution;
+    the console hides both and keeps them in the full log; --verbose shows them."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    seen = {}
+    for flag in ([], ["--verbose"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "regft.generate", "--classnames", str(classnames_file),
+             "--store", str(tmp_path / f"store{len(flag)}"), *ARGS, *flag],
+            capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        seen[bool(flag)] = proc.stdout + proc.stderr
+    for marker in ("core_worker", "Starting execution of Dataset"):
+        assert marker not in seen[False] and marker in seen[True], marker
+    log = Path(re.search(r"^full log: (.+)$", seen[False], re.M).group(1)).read_text()
+    assert "core_worker" in log and "Starting execution of Dataset" in log
+    assert "dataset: " in seen[False] and "dataset: " in log
