@@ -3,6 +3,7 @@ problem at once (a typo in a key must never silently fall back to a default)."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -16,7 +17,7 @@ def _check_type(name: str, value: Any, tp: Any) -> str | None:
     args = typing.get_args(tp)
     if tp is Any:
         return None
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if origin is typing.Union or origin is types.UnionType:
         return None if any(_check_type(name, value, a) is None for a in args) else (
             f"{name}: expected {tp}, got {value!r}"
         )

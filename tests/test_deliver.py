@@ -68,11 +68,11 @@ def test_export_predicts_like_the_in_memory_ensemble(search):
     build_classifier) give the export's labels and probabilities."""
     import torch
 
+    from regft.checkpoint import load as load_checkpoint
     from regft.engine import normalize_uint8, split_clip_transform
     from regft.export import load_export
     from regft.models import build_classifier, create_clip
     from regft.shapes import shapes_task
-    from regft.checkpoint import load as load_checkpoint
 
     finals = [p.parent for p in (search["tmp"] / "store" / "train").rglob("meta.json")
               if json.loads(p.read_text()).get("final")]

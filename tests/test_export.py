@@ -47,12 +47,11 @@ FINAL_METRICS = {  # a final report (regft.reports.FinalReport) of a run without
 def trained(tmp_path_factory):
     """theta_0 = zero-shot tiny CLIP, theta_1 = 3 steps of CE + VC, ensembled at alpha 0.4,
     saved as regft.train's final checkpoint and exported from it."""
-    from regft import engine
+    from regft import checkpoint, engine
     from regft.ensemble import interpolate
     from regft.models import build_classifier, create_clip
-    from regft.tasks import Task
-    from regft import checkpoint
     from regft.reports import CheckpointMeta
+    from regft.tasks import Task
 
     root = tmp_path_factory.mktemp("export")
     bundle = create_clip("tiny", None, seed=0)
