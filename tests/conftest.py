@@ -109,3 +109,23 @@ def shapes_smoke(_ray_session, tmp_path_factory):
                    "--audit-log", str(root / "audit.jsonl")])
     return {"rc": rc, "out": out.getvalue(), "storage": root / "runs", "tracking_uri": uri,
             "experiment": "regft-shapes", "audit": root / "audit.jsonl", "search": "smoke-e2e"}
+
+
+# A learnable toy task for the plain-torch tests (test_engine, test_loop): class k is a noisy
+# square of colour k on grey.
+COLOURS = ((220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40))
+COLOUR_CLASSES = ("red", "green", "blue", "yellow")
+
+
+def colour_images(n: int, seed: int, size: int = 32):
+    """uint8 (n, size, size, 3) images and int labels (n,) of the colour-square task."""
+    import numpy as np
+
+    colours = np.array(COLOURS, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(colours), n)
+    imgs = np.full((n, size, size, 3), 128, dtype=np.float32)
+    for i, k in enumerate(labels):
+        x, y = rng.integers(0, size // 2, 2)
+        imgs[i, y:y + size // 2, x:x + size // 2] = colours[k]
+    return np.clip(imgs + rng.normal(0, 12, imgs.shape), 0, 255).astype(np.uint8), labels

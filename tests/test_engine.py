@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import COLOUR_CLASSES, colour_images
 from PIL import Image
 
 from regft.engine import (
@@ -23,19 +24,12 @@ from regft.engine import (
 from regft.models import build_classifier, create_clip
 from regft.tasks import Task
 
-COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [230, 220, 40]], dtype=np.float32)
-TASK = Task(name="colours", classnames=("red", "green", "blue", "yellow"))
+TASK = Task(name="colours", classnames=COLOUR_CLASSES)
 
 
 def colour_batch(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """A learnable task: class k is a noisy square of colour k on a grey background."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, len(COLOURS), n)
-    imgs = np.full((n, size, size, 3), 128, dtype=np.float32)
-    for i, k in enumerate(labels):
-        x, y = rng.integers(0, size // 2, 2)
-        imgs[i, y:y + size // 2, x:x + size // 2] = COLOURS[k]
-    imgs = np.clip(imgs + rng.normal(0, 12, imgs.shape), 0, 255).astype(np.uint8)
+    imgs, labels = colour_images(n, seed, size)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
     return x, torch.from_numpy(labels).long()
 

@@ -2,9 +2,9 @@
 Plain torch, no Ray; seconds."""
 import math
 
-import numpy as np
 import pytest
 import torch
+from conftest import COLOUR_CLASSES, colour_images
 
 from regft import engine, loop
 from regft.engine import EvalSet, split_clip_transform, state_dict_cpu
@@ -12,19 +12,7 @@ from regft.models import build_classifier, create_clip
 from regft.tasks import Task
 from regft.train import TrainConfig
 
-COLOURS = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [230, 220, 40]], dtype=np.float32)
-TASK = Task(name="colours", classnames=("red", "green", "blue", "yellow"))
-
-
-def colour_images(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (n, size, size, 3): class k is a noisy square of colour k on grey."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, len(COLOURS), n)
-    imgs = np.full((n, size, size, 3), 128, dtype=np.float32)
-    for i, k in enumerate(labels):
-        x, y = rng.integers(0, size // 2, 2)
-        imgs[i, y:y + size // 2, x:x + size // 2] = COLOURS[k]
-    return np.clip(imgs + rng.normal(0, 12, imgs.shape), 0, 255).astype(np.uint8), labels
+TASK = Task(name="colours", classnames=COLOUR_CLASSES)
 
 
 def tiny_classifier():
