@@ -129,3 +129,33 @@ def colour_images(n: int, seed: int, size: int = 32):
         x, y = rng.integers(0, size // 2, 2)
         imgs[i, y:y + size // 2, x:x + size // 2] = colours[k]
     return np.clip(imgs + rng.normal(0, 12, imgs.shape), 0, 255).astype(np.uint8), labels
+
+
+# README's quickstart prints at most about this many lines for 2 trials x 13 epochs (issue 15)
+MAX_CONSOLE_LINES = 150
+
+
+def assert_readable_console(out: str, log_file, trials: int) -> None:
+    """What a search printed (both streams, through regft.console) is short, shows each epoch of
+    each of its `trials` exactly once and one end line per trial, has no cursor-up sequence and
+    no core_worker line; `log_file` (search.log) holds every line of it."""
+    import re
+
+    from regft.console import plain
+
+    lines = out.splitlines()
+    assert len(lines) <= MAX_CONSOLE_LINES, len(lines)
+    assert "\x1b[A" not in out and "core_worker" not in out
+    started = re.findall(r"^trial (\w+)  started:", out, re.M)
+    assert len(started) == trials, started
+    for trial in started:
+        epochs = re.findall(rf"^trial {trial}  epoch +(\d+)/(\d+) ", out, re.M)
+        assert [int(e) for e, _ in epochs] == list(range(1, len(epochs) + 1)), (trial, epochs)
+        end = re.findall(rf"^trial {trial}  (finished|stopped early|diverged|failed)", out, re.M)
+        assert len(end) == 1, (trial, end)
+        if end == ["finished"]:
+            assert len(epochs) == int(epochs[0][1])  # every epoch, once
+    log = plain(log_file.read_bytes())
+    missing = [line for line in lines if line.strip() and line not in log]
+    assert not missing, missing[:5]
+

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import closed_port
+from conftest import assert_readable_console, closed_port
 
 from regft.tune import main
 
@@ -70,10 +70,15 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys, ray_local):
 def test_smoke_search_logs_parent_and_children(tmp_path, ray_local, capsys):
     rc = main(["cars", "--preset", "smoke", "--num-samples", "3", "--name", "e2e",
                "--storage", str(tmp_path / "store"), "--tracking-uri", _db(tmp_path)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0, out[-3000:]
     assert "plumbing check" in out  # smoke on a non-shapes task says its numbers are noise
     assert "zero-shot" in out and "synthetic_val" in out
+    # issue 15 with several trials, some stopped early by ASHA: one line per epoch per trial,
+    # one end line per trial, nothing lost from search.log
+    assert_readable_console(out + captured.err, tmp_path / "store" / "searches" / "e2e" / "search.log",
+                            trials=3)
 
     client, parents, children = _runs(_db(tmp_path), "regft-cars-first4")
     assert len(parents) == 1
