@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import re
+import reprlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,42 @@ from regft.errors import RegftError, UserError  # noqa: F401  (UserError: re-exp
 EXIT_USAGE = 2
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential)", re.I)
 _SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|(?:sk|hf|ghp|xox[bap])[-_][A-Za-z0-9_-]{16,})")
+
+
+SHORT_LIMIT = 60  # characters of a user's value an error message quotes: enough to recognise it
+# A bounded repr: a container (a YAML alias bomb, a huge list) is never rendered whole.
+_BOUNDED = reprlib.Repr()
+_BOUNDED.maxstring = _BOUNDED.maxother = _BOUNDED.maxlong = 2 * SHORT_LIMIT
+_BOUNDED.maxlist = _BOUNDED.maxtuple = _BOUNDED.maxdict = _BOUNDED.maxset = _BOUNDED.maxfrozenset = 8
+_BOUNDED.maxlevel = 3
+_REDACT_WINDOW = 4096  # of a huge string only this head is redacted (and a prefix of it quoted)
+
+
+def shorten(value: Any, limit: int = SHORT_LIMIT) -> str:
+    """repr-like text of `value` at most about `limit` characters long, for error messages.
+
+    A str/bytes longer than `limit` becomes the repr of its first `limit` characters plus
+    "…(N chars)"; a container whose text would be longer becomes a prefix plus "…(N items)". The
+    whole value is never rendered (no huge repr of a huge input); control characters are escaped
+    the way repr escapes them, so the text is always one line. A string is redacted first."""
+    if isinstance(value, (str, bytes, bytearray)):
+        size = len(value)
+        if isinstance(value, str):  # redact before cutting: a cut URI hides where its secret ends
+            value = redact(value[:_REDACT_WINDOW])
+        text = repr(value[: limit + 1])  # escapes can make it longer than the value: cut the text
+        return text if size <= limit and len(text) <= limit + 3 else f"{text[:limit]}…({size} chars)"
+    try:
+        text = _BOUNDED.repr(value)
+    except Exception:  # a broken __repr__ must not hide the error being reported
+        text = f"<{type(value).__name__}>"
+    text = text.replace("\n", " ").replace("\r", " ")
+    cut = "..." in text  # reprlib left items out
+    if len(text) <= limit and not cut:
+        return text
+    try:
+        return f"{text[:limit].removesuffix('...')}…({len(value)} items)"
+    except TypeError:
+        return f"{text[:limit]}…"
 
 
 def redact(value: Any, key: str = "") -> Any:
