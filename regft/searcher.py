@@ -15,7 +15,8 @@ A resumed search (`--resume` after the driver was killed) replays results of tri
 had already been told about: the study lives in its own database, written when a trial ends,
 while Tune's experiment state is saved every few seconds and may still show the trial running.
 Optuna refuses to update a finished trial (`UpdateFinishedTrialError`), which stock `OptunaSearch`
-lets escape from `on_trial_result` and so kills the whole search; here such replays are ignored.
+lets escape from `on_trial_result` and so kills the whole search; here such replays are ignored,
+whichever call comes first (a result, a finished or diverged end, an error end).
 """
 from __future__ import annotations
 
@@ -48,11 +49,15 @@ class FinishedOnlyOptunaSearch(OptunaSearch):
             return None
         # stopped before its final (ensembled) result: pruned, not complete
         ot_trial = self._ot_trials[trial_id]
-        if is_report(result, DivergedReport):
-            ot_trial.set_user_attr(DIVERGED_ATTR, True)
+        # Both calls update the Optuna trial, so both raise on one told before the driver died
+        # (the attribute is set before the tell, so such a trial carries it already). Tune
+        # sends a resumed trial's end without its result when the scheduler stops it there, so
+        # this can be the first call of the replay.
         try:
+            if is_report(result, DivergedReport):
+                ot_trial.set_user_attr(DIVERGED_ATTR, True)
             self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
-        except optuna.exceptions.UpdateFinishedTrialError:  # told before the driver died
+        except optuna.exceptions.UpdateFinishedTrialError:
             pass
         self._completed_trials.add(trial_id)
         return None

@@ -4,7 +4,8 @@ import pytest
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from regft.searcher import make_searcher
+from regft.reports import DivergedReport
+from regft.searcher import DIVERGED_ATTR, make_searcher
 
 SPACE = {"lr": tune.loguniform(1e-5, 1e-2), "vc_weight": tune.uniform(0, 1)}
 
@@ -48,31 +49,49 @@ def test_seeded_suggestions_repeat(tmp_path):
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db").trials) == 1
 
 
-def _resume_replay(make, tmp_path):
+FINAL = {"select_metric": 0.5, "training_iteration": 2, "final": True}
+# the last report of a trial whose loss went NaN at epoch 2 (regft.train.diverged_report's wire)
+DIVERGED = {"training_iteration": 2, **DivergedReport.WIRE}
+S = optuna.trial.TrialState
+
+
+def _resume_replay(make, tmp_path, final=FINAL, replay_result=True):
     """What a resumed search does: Tune saved the searcher while trial "a" ran, the trial then
-    finished (Optuna told, in its own database) and the driver died before Tune saved again.
-    The restored searcher sees "a" replay its last result and completion, then asks for more."""
+    ended (`final`: finished, or diverged; Optuna told, in its own database) and the driver died
+    before Tune saved again. The restored searcher sees "a" replay its end, then asks for more.
+    `replay_result=False`: Tune sends the end alone, as it does when the scheduler (ASHA) decides
+    to stop the trial on that result (the searcher then gets no on_trial_result for it)."""
     url = f"sqlite:///{tmp_path}/o.db"
     first = make(url)
     first.set_search_properties("select_metric", "max", SPACE)
     first.suggest("a")
     first.on_trial_result("a", {"select_metric": 0.3, "training_iteration": 1})
     first.save(str(tmp_path / "searcher.pkl"))  # Tune's periodic save, trial still running
-    final = {"select_metric": 0.5, "training_iteration": 2, "final": True}
     first.on_trial_result("a", final)
     first.on_trial_complete("a", final)
     resumed = make(url)
     resumed.restore(str(tmp_path / "searcher.pkl"))
-    resumed.on_trial_result("a", final)  # the restarted trial repeats its final report
+    if replay_result:
+        resumed.on_trial_result("a", final)  # the restarted trial repeats its last report
     resumed.on_trial_complete("a", final)
+    resumed.on_trial_complete("a", None, error=True)  # and, restarted once more, crashes
     assert resumed.suggest("b") is not None
-    return {t.number: t.state for t in optuna.load_study(study_name="s", storage=url).trials}
+    return {t.number: (t.state, t.user_attrs) for t in optuna.load_study(study_name="s", storage=url).trials}
 
 
-def test_resumed_search_ignores_replayed_results_of_told_trials(tmp_path):
-    states = _resume_replay(lambda url: make_searcher(None, None, seed=0, storage_url=url, study_name="s"),
-                            tmp_path)
-    assert states == {0: optuna.trial.TrialState.COMPLETE, 1: optuna.trial.TrialState.RUNNING}
+def _ours(url):
+    return make_searcher(None, None, seed=0, storage_url=url, study_name="s")
+
+
+@pytest.mark.parametrize("replay_result", [True, False], ids=["result-then-end", "end-only"])
+@pytest.mark.parametrize("final, told", [(FINAL, (S.COMPLETE, {})),
+                                         (DIVERGED, (S.PRUNED, {DIVERGED_ATTR: True}))],
+                         ids=["finished", "diverged"])
+def test_resumed_search_ignores_replayed_results_of_told_trials(tmp_path, final, told, replay_result):
+    """A diverged trial is told as PRUNED with a user attribute: setting that attribute on the
+    finished Optuna trial must not kill the resumed search either (issue 19 item 15)."""
+    states = _resume_replay(_ours, tmp_path, final, replay_result)
+    assert states == {0: told, 1: (S.RUNNING, {})}
 
 
 def test_stock_searcher_fails_on_the_replay(tmp_path):
