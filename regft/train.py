@@ -30,9 +30,9 @@ device. Ray Data therefore needs CPUs of its own: `regft.resources.check_resourc
 splits are small and read by every rank (each evaluates every world-th item; counts are summed).
 
 Checkpoints (regft.checkpoint) are plain state dicts (`model.pt`, torch.load(...,
-weights_only=True)) + `meta.json` (+ `train_state.pt`: optimizer/scheduler state for resuming).
-The best `keep_checkpoints` are kept by `select_metric`; a restarted run (FailureConfig, or a
-Tune trial) resumes from the latest.
+weights_only=True)) + `meta.json` (+ `train_state.pt`: optimizer/scheduler state for resuming,
+in the latest checkpoint only). The best `keep_checkpoints` are kept by `select_metric`, and the
+latest besides; a restarted run (FailureConfig, or a Tune trial) resumes from the latest.
 """
 from __future__ import annotations
 
@@ -164,7 +164,9 @@ class TrainConfig:
     val_fraction: float = 0.1  # generated items held out for synthetic_val (store's sha256 rule)
     real_test: str | None = None  # path (see regft.realdata); reported only
     real_val: str | None = None  # labelled real validation images, for selection_metric real_val
-    keep_checkpoints: int = 2
+    # the best N epochs by select_metric, besides the latest that Train always keeps
+    # (regft.checkpoint.Policy: a resume needs the latest and the best, nothing else)
+    keep_checkpoints: int = 1
     # Ray Data: keep the train split's PNG bytes in the object store after the first read
     # (about the dataset's size on disk) instead of re-reading parquet every epoch (~4x slower
     # per epoch on a small set, benchmarks/RESULTS.md)
@@ -601,6 +603,21 @@ def send(w: Worker, report: Report, state_dict: StateDict | None = None,
     with tempfile.TemporaryDirectory(prefix="regft-ckpt-") as d:
         ckpt.save(d, state_dict, meta, train_state)
         ray.train.report(report.to_dict(), checkpoint=ray.train.Checkpoint.from_directory(d))
+    drop_stale_train_states()
+
+
+def drop_stale_train_states() -> None:
+    """Rank 0, after a checkpoint report: optimizer state stays in the latest checkpoint only
+    (regft.checkpoint.Policy). Waits until Train has committed the new checkpoint (its saved state
+    names it the latest, so a restart resumes from it, never from an older one), then drops
+    train_state.pt from every older checkpoint Train still keeps."""
+    kept = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    latest = ray.train.get_checkpoint()
+    for reported in kept:
+        c = reported.checkpoint
+        if latest is None or c.path != latest.path:
+            ckpt.drop_train_state(c.filesystem, c.path)
 
 
 # --------------------------------------------------------------------- the worker ----
@@ -659,6 +676,11 @@ def check_dataset(cfg: TrainConfig, dataset_path: str) -> list[str]:
     return []
 
 
+def checkpoint_policy(cfg: TrainConfig) -> ckpt.Policy:
+    """What a run of `cfg` keeps (regft.checkpoint.kept_bytes_per_trial prices it)."""
+    return ckpt.Policy(keep_best=cfg.keep_checkpoints)
+
+
 def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dict | None = None):
     """A TorchTrainer for one fine-tune (+ alpha sweep) of `cfg` on a generated dataset.
 
@@ -681,7 +703,7 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
                         f"of {cfg.batch_size}; lower batch_size or generate more images")
     if run_config.checkpoint_config is None or run_config.checkpoint_config.num_to_keep is None:
         run_config.checkpoint_config = ray.train.CheckpointConfig(
-            num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="select_metric",
+            num_to_keep=checkpoint_policy(cfg).keep_best, checkpoint_score_attribute="select_metric",
             checkpoint_score_order="max")
     train_tf, _ = clip_transforms(cfg)
     train = train_dataset(cfg, dataset_path, train_tf)

@@ -65,3 +65,31 @@ def test_a_meta_with_unknown_keys_is_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "bogus": 1}))
     with pytest.raises(ValueError, match="unknown key 'bogus'"):
         checkpoint.load(str(tmp_path / "c"))
+
+
+def test_drop_train_state_removes_only_the_optimizer_state(tmp_path):
+    write(tmp_path / "c", epoch_meta(1), 1.0, {"best": {"epoch": 1}})
+    fs = pafs.LocalFileSystem()
+    assert checkpoint.drop_train_state(fs, str(tmp_path / "c")) is True
+    assert not (tmp_path / "c" / checkpoint.STATE_FILE).exists()
+    state, meta = checkpoint.load(str(tmp_path / "c"))  # the weights and meta stay readable
+    assert torch.equal(state["w"], torch.ones(2)) and meta.epoch == 1
+    assert checkpoint.drop_train_state(fs, str(tmp_path / "c")) is False  # nothing left to drop
+    assert checkpoint.drop_train_state(fs, str(tmp_path / "deleted-by-train")) is False
+
+
+def test_kept_bytes_per_trial_prices_one_optimizer_state_not_one_per_epoch():
+    """At real size (ViT-B/16 visual tower, 86.2 M fp32 parameters) one optimizer state is twice
+    the weights: the policy keeps one or two of them, never one per kept epoch."""
+    weights = 86_192_640 * 4
+    adamw = checkpoint.adamw_state_bytes(weights)
+    assert adamw == 2 * weights
+    best_one = checkpoint.kept_bytes_per_trial(weights, adamw, checkpoint.Policy(keep_best=1))
+    # best + latest (with optimizer), and one more of each while the next epoch uploads
+    assert best_one == 3 * weights + 2 * adamw
+    best_three = checkpoint.kept_bytes_per_trial(weights, adamw, checkpoint.Policy(keep_best=3))
+    assert best_three - best_one == 2 * weights  # more best epochs cost weights only
+    assert checkpoint.finished_bytes_per_trial(weights, checkpoint.Policy(keep_best=1)) == 2 * weights
+    assert checkpoint.kept_bytes_per_trial(weights, adamw) == best_one  # the default policy
+    with pytest.raises(ValueError, match="keep_best"):
+        checkpoint.Policy(keep_best=0)
