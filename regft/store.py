@@ -23,7 +23,10 @@ import errno
 import hashlib
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,6 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from regft import faults
+from regft.cli import redact, shorten
 from regft.errors import DatasetNotReady
 from regft.images import decode_image, encode_png, resize  # noqa: F401 (st.* names)
 
@@ -101,9 +105,41 @@ def _exists(fs: pafs.FileSystem, p: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
-def check_writable(store: str, flag: str = "store (--store / REGFT_STORE)") -> str | None:
+STORAGE_CHECK_S = 20.0  # a remote store that has not taken a probe write by then counts as unreachable
+ERROR_CHARS = 160  # of a filesystem's error line, quoted in ours (they can be long)
+# The write probe for a remote store, run in a child process that is killed at the deadline: an
+# object store SDK can hang for minutes inside one call (a silent endpoint, a credential chain
+# asking an instance-metadata service that is not there) and no in-process timeout stops it.
+# Only pyarrow is imported (fast); the URI comes on stdin, so it is never on a command line.
+_REMOTE_PROBE = """
+import os, sys, uuid
+import pyarrow.fs as pafs
+try:
+    fs, p = pafs.FileSystem.from_uri(sys.stdin.read())
+    fs.create_dir(p, recursive=True)
+    probe = p.rstrip("/") + "/.regft-write-test-" + uuid.uuid4().hex
+    with fs.open_output_stream(probe) as f:
+        f.write(b"ok")
+    fs.delete_file(probe)
+    print("ok", flush=True)
+except Exception as e:
+    print((str(e).strip().splitlines() or [type(e).__name__])[0], file=sys.stderr, flush=True)
+    os._exit(1)
+os._exit(0)  # no finalizers: an SDK's shutdown can hang as well
+"""
+# what the AWS SDK reads credentials from (besides an instance-metadata service)
+_AWS_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                       "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def check_writable(store: str, flag: str = "store (--store / REGFT_STORE)",
+                   timeout: float = STORAGE_CHECK_S) -> str | None:
     """None if `store` can be created and written, else a one-line problem naming `flag` and the
-    fix. Leaves nothing behind: the folders it had to create are removed again (local paths)."""
+    fix. Leaves nothing behind: the folders it had to create are removed again (local paths).
+    A remote store (s3://, gs://, ...) is probed in a child process with a deadline of `timeout`
+    seconds, so an endpoint that does not answer fails in seconds instead of hanging."""
+    if is_uri(store) and not str(store).startswith("file://"):
+        return _check_remote_writable(str(store), flag, timeout)
     try:
         fs, p = filesystem(store)
         # a check must not leave folders behind (e.g. when another problem stops the run):
@@ -116,16 +152,44 @@ def check_writable(store: str, flag: str = "store (--store / REGFT_STORE)") -> s
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)
-        if created is not None and not is_uri(store):
+        if created is not None:
             fs.delete_dir(created)
         return None
     except Exception as e:  # any filesystem error means the same thing to the user
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return (f"{flag}: {store!r} is not writable (cannot write to it: {msg}); pass a "
-                "writable folder or URI")
+        msg = redact(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return (f"{flag}: {shorten(store)} is not writable (cannot write to it: "
+                f"{msg[:ERROR_CHARS]}); pass a writable folder or URI")
 
 
+def _check_remote_writable(store: str, flag: str, timeout: float) -> str | None:
+    try:
+        done = subprocess.run([sys.executable, "-c", _REMOTE_PROBE], input=store, text=True,
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        if "ok" in str(e.stdout or ""):  # written; only the child's exit hung
+            return None
+        return (f"{flag}: {shorten(store)} did not take a test write within {timeout:g} s "
+                f"(endpoint down or unreachable{_credentials_hint(store)}); check the endpoint "
+                "(endpoint_override=... or AWS_ENDPOINT_URL) and the credentials, or pass a local folder")
+    if done.returncode == 0:
+        return None
+    msg = redact((done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1])
+    if msg.startswith("Cannot parse URI"):  # a key or secret with '/' or '@' in the userinfo
+        msg = "not a valid URI; percent-encode '/' as %2F and '@' as %40 in a key or secret"
+    return (f"{flag}: {shorten(store)} is not writable (cannot write to it: {msg[:ERROR_CHARS]}"
+            f"{_credentials_hint(store)}); pass a writable folder or URI")
 
+
+def _credentials_hint(store: str) -> str:
+    """For s3:// without any credentials the SDK can find: say so (the likely cause)."""
+    if not store.startswith("s3://") or "@" in store.split("?")[0]:
+        return ""
+    if any(os.environ.get(k) for k in _AWS_CREDENTIAL_ENV):
+        return ""
+    if (Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")).expanduser().exists()
+            or Path(os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")).expanduser().exists()):
+        return ""
+    return "; no AWS credentials set: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
 
 
 # ------------------------------------------------------------------ shards ---
