@@ -880,6 +880,9 @@ def _main(argv: list[str] | None) -> int:
         if unsafe_name_problem(args.name, "--name"):
             raise UserError(unsafe_name_problem(args.name, "--name"))
     cfg = config_from_args(args)
+    storage_problem = st.check_writable(args.storage, flag="--storage")  # seconds, never a hang
+    if storage_problem:
+        raise UserError(storage_problem)
     with console.session(verbose=args.verbose):
         return _train_and_print(args, cfg)
 
