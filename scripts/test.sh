@@ -7,7 +7,8 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 set +e
-python -m pytest -q "$@"
+# the slowest tests are listed at the end: the suite has a time budget (about 25 min on 2 cores)
+python -m pytest -q --durations=20 "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no tests: that is a failure of the suite, say so
