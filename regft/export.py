@@ -218,6 +218,8 @@ def write_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, mod
             "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
             "model": model,
             "pretrained": pretrained,
+            # what the fine-tune started from: None above = a random init (--weights random)
+            "initial_weights": "pretrained" if pretrained else "random",
             "open_clip": architecture,
             "num_classes": len(classnames),
             "embed_dim": int(dim),

@@ -6,6 +6,9 @@
 - `shapes`: the procedural testbed (`regft.shapes.ShapesGenerator`), pure numpy.
 - anything else: a diffusers model id (e.g. stabilityai/stable-diffusion-2-1-base) or a folder
   saved with `save_pretrained`, loaded with `StableDiffusionPipeline.from_pretrained`.
+- option `weights: random` (regft.tune --weights random): the model's real architecture from the
+  configs shipped in regft (regft.realsize; SD 2.1-base), seeded random weights, no download;
+  the dataset's identity says so (its revision and `weights`), so it never passes for real images.
 
 Reproducibility: every image gets its own CPU `torch.Generator` seeded with the item's seed, so
 its initial latents depend only on that seed (diffusers' `randn_tensor` draws one latent per
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 from huggingface_hub import model_info
 
-from regft import shapes
+from regft import realsize, shapes
 from regft.errors import UserError, WeightsUnavailable
 from regft.hub import hub_reachable
 from regft.tiny_diffusion import TINY_RESOLUTION, TINY_SD_VERSION, materialize_tiny_pipeline
@@ -135,7 +138,7 @@ class DiffusersGenerator:
     def __init__(self, model: str, *, resolution: int, steps: int, guidance: float,
                  device: str = "cpu", dtype: str = "auto", revision: str | None = None,
                  display_name: str | None = None, source: str | None = None,
-                 negative_prompt: str | None = None):
+                 negative_prompt: str | None = None, weights: str = realsize.PRETRAINED):
         problems = []
         if resolution <= 0 or resolution % 8:
             problems.append(f"resolution must be a positive multiple of 8 (the VAE downsamples by "
@@ -150,7 +153,10 @@ class DiffusersGenerator:
         self.resolution, self.steps, self.guidance = int(resolution), int(steps), float(guidance)
         self.device, self.dtype = device, dtype
         self.negative_prompt = negative_prompt
-        if source is None:
+        self.weights = weights
+        if weights == realsize.RANDOM:  # built from the shipped configs: nothing to locate
+            source, revision = model, realsize.RANDOM_REVISION
+        elif source is None:
             source, revision = locate_diffusers_model(model, revision)
         self.source, self.revision = source, revision
         self.display_name = display_name or model
@@ -170,6 +176,8 @@ class DiffusersGenerator:
             "dtype": self.dtype,
             "negative_prompt": self.negative_prompt,
             "scheduler": "model default",
+            # only when random, so the ids of datasets made with real weights stay the same
+            **({"weights": self.weights} if self.weights == realsize.RANDOM else {}),
         }
 
     def runtime(self) -> dict:
@@ -181,6 +189,9 @@ class DiffusersGenerator:
             from diffusers import StableDiffusionPipeline  # heavy: see the imports
 
             torch_dtype = resolve_torch_dtype(self.dtype, self.device)
+            if self.weights == realsize.RANDOM:
+                self._pipe = self._finish(realsize.build_sd_pipeline(self.model, dtype=torch_dtype))
+                return self._pipe
             local = os.path.isdir(self.source)
             pipe = StableDiffusionPipeline.from_pretrained(
                 self.source,
@@ -190,9 +201,12 @@ class DiffusersGenerator:
                 requires_safety_checker=False,
                 local_files_only=local,
             )
-            pipe.set_progress_bar_config(disable=True)
-            self._pipe = pipe.to(self.device)
+            self._pipe = self._finish(pipe)
         return self._pipe
+
+    def _finish(self, pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(self.device)
 
     def generate(self, prompts: list[str], seeds: list[int], labels: list[int],
                  classnames: list[str]) -> list[np.ndarray]:
@@ -227,7 +241,11 @@ def make_generator(name: str, *, resolution: int, steps: int, guidance: float,
     """The generator called `name` (see module docstring). `options` go to the generator:
     shapes takes `gap`; diffusers models take `revision` and `negative_prompt`."""
     options = dict(options or {})
-    if name == "shapes":
+    weights = options.pop("weights", realsize.PRETRAINED)
+    if weights not in (realsize.PRETRAINED, realsize.RANDOM):
+        raise UserError(f"generator {name!r}: weights must be {realsize.PRETRAINED} or "
+                        f"{realsize.RANDOM}, got {weights!r}")
+    if name == "shapes":  # procedural, and tiny is random already: `weights` changes neither
         return shapes.ShapesGenerator(resolution=resolution, **options)
     allowed = {"revision", "negative_prompt"}
     unknown = sorted(set(options) - allowed)
@@ -243,6 +261,13 @@ def make_generator(name: str, *, resolution: int, steps: int, guidance: float,
             dtype=dtype, display_name="tiny", source=str(folder), revision=TINY_SD_VERSION,
             negative_prompt=options.get("negative_prompt"),
         )
+    if weights == realsize.RANDOM:
+        if not realsize.has_architecture(name):
+            raise UserError(f"generator {name!r}: --weights random builds only the architectures "
+                            f"shipped in regft ({', '.join(realsize.ARCHITECTURES)}) or tiny")
+        return DiffusersGenerator(name, resolution=resolution, steps=steps, guidance=guidance,
+                                  device=device, dtype=dtype, weights=weights,
+                                  negative_prompt=options.get("negative_prompt"))
     display = name
     if os.path.isdir(name):
         # a local folder is named by its last component; its content fingerprint is the revision

@@ -71,6 +71,10 @@ from regft.tasks import SHAPES_REAL, Task, resolve_task
 from regft.tracking import MLflowTrialCallback
 from regft.train import TrainConfig, build_trainer
 
+WEIGHTS_TAG = "regft.weights"  # random | pretrained, on the parent run
+RANDOM_WEIGHTS = "random"
+RANDOM_WEIGHTS_NOTE = ("weights: RANDOM (--weights random): real architectures, seeded random "
+                       "weights; times and sizes are real, images and accuracies are noise")
 SELECT = "select_metric"  # the report key Tune's scheduler and Optuna maximise
 TRIAL_MAX_FAILURES = 2  # a trial's Train run restarts from its last checkpoint this often
 SECTIONS = ("train", "generation")
@@ -105,6 +109,9 @@ class SearchSettings:
     check_only: bool = False
     verbose: bool = False  # Ray's own console output instead of regft.console's lines
     resource_check: bool = True
+    # auto | pretrained: the real weights, or stop (never a silent fallback); random: the real
+    # architectures with seeded random weights (regft.realsize), said on every output
+    weights: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
@@ -183,18 +190,26 @@ def trial_config(s: SearchSettings, alpha_grid: list[float]) -> TrainConfig:
     """What every trial trains with before its sampled values are applied."""
     gpus = s.gpus_per_trial
     return dataclasses.replace(
-        s.train, task=s.task, classnames=s.classnames, max_classes=s.max_classes, seed=s.seed,
+        s.train, pretrained=None if s.weights == RANDOM_WEIGHTS else s.train.pretrained, task=s.task, classnames=s.classnames, max_classes=s.max_classes, seed=s.seed,
         use_gpu=gpus > 0, gpus_per_worker=gpus / s.train.num_workers if gpus > 0 else 0.0,
         alpha_grid=list(alpha_grid),
         audit_log=str(Path(s.train.audit_log).resolve()) if s.train.audit_log else None)
 
 
+def weights_label(s: SearchSettings) -> str:
+    """What the search's outputs say about its starting weights."""
+    return RANDOM_WEIGHTS if s.weights == RANDOM_WEIGHTS else "pretrained"
+
+
 def generation_config(s: SearchSettings) -> GenerationConfig:
     """The dataset's request: stored under the search's storage root, on GPUs when trials are."""
+    options = s.generation.generator_options
+    if s.weights == RANDOM_WEIGHTS:
+        options = {**options, "weights": RANDOM_WEIGHTS}
     return dataclasses.replace(
         s.generation, task=s.task, classnames_file=s.classnames, max_classes=s.max_classes,
         seed=s.seed, store=store.join(store.absolute(s.storage), "datasets"),
-        use_gpu=s.gpus_per_trial > 0)
+        use_gpu=s.gpus_per_trial > 0, generator_options=options)
 
 
 # -------------------------------------------------------------------- 1. the plan --
@@ -240,7 +255,7 @@ def plan_search(s: SearchSettings, flag_problems: list[str] = ()) -> SearchPlan:
     problems += check_tracking_uri(tracking_uri)
     problems += [p for p in [store.check_writable(s.storage, flag="--storage")] if p]
     try:
-        check_weights_available(s.train.model, s.train.pretrained)
+        check_weights_available(s.train.model, trial_config(s, []).pretrained)
     except Exception as e:  # unknown model, weights offline: one line each
         problems.append(f"--model {s.train.model} --pretrained {s.train.pretrained}: {e}")
     problems += _real_split_problems(s.train, task)
@@ -387,7 +402,8 @@ def open_parent_run(plan: SearchPlan, layout: SearchLayout) -> ParentRun:
     run = find_run(client, exp_id, tags)
     if run is None:
         run = client.create_run(exp_id, run_name=f"search-{layout.name}",
-                                tags={**tags, "regft.task": plan.task.name})
+                                tags={**tags, "regft.task": plan.task.name,
+                                      WEIGHTS_TAG: weights_label(s)})
         for k, v in flat_params(search_params(plan)).items():
             client.log_param(run.info.run_id, k, v)
     client.update_run(run.info.run_id, status="RUNNING")
@@ -597,6 +613,8 @@ def deliver(plan: SearchPlan, layout: SearchLayout, parent: ParentRun, outcome: 
     print."""
     best = outcome.best
     summary = summary_table(best.row(), layout.name, plan.tracking_uri, parent.run_id)
+    if weights_label(plan.settings) == RANDOM_WEIGHTS:
+        summary += f"\n  {RANDOM_WEIGHTS_NOTE}"
     log_parent(parent, plan.space, outcome, layout.study_url, layout.name, dataset_path, summary)
     s = plan.settings
     real_test = s.train.real_test or (plan.task.real_test if plan.task.real_test == SHAPES_REAL else None)

@@ -79,6 +79,9 @@ FLAGS = (
     Flag("--guidance", "generation.guidance", float, check=NON_NEGATIVE),
     Flag("--gen-batch-size", "generation.batch_size", int, check=POSITIVE),
     Flag("--gen-actors", "generation.num_actors", int, check=POSITIVE),
+    Flag("--weights", "weights", choices=("auto", "pretrained", "random"),  # realsize.WEIGHTS_CHOICES
+         help="auto (default) / pretrained: the real weights, else stop; random: the real "
+         "architectures with seeded random weights (offline sizing runs; outputs say so)"),
     Flag("--seed", "seed", int),
     Flag("--storage", "storage", help="local path or URI (s3://...) for datasets and search state"),
     Flag("--tracking-uri", "tracking_uri", help="MLflow tracking URI (default: ./mlflow.db)"),

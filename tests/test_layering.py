@@ -31,7 +31,7 @@ RINGS: dict[str, tuple[str, ...]] = {
     "pure": ("losses", "ensemble", "zeroshot", "metrics", "prompts", "distributed", "engine",
              "loop", "reports"),
     # ring 2: one process; files, weights and models; no Ray, no MLflow, no Optuna
-    "assembly": ("config", "tasks", "hub", "models", "tiny_diffusion", "generators", "shapes",
+    "assembly": ("config", "tasks", "hub", "models", "tiny_diffusion", "realsize", "generators", "shapes",
                  "images", "faults", "store", "realdata", "checkpoint", "export", "mlflow_store"),
     # ring 3: Ray Data/Train/Tune, MLflow, Optuna
     "orchestration": ("raylocal", "resources", "console_ray", "generate", "train", "search_space",
