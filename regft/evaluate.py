@@ -19,10 +19,10 @@ import tempfile
 import torch
 
 from regft import engine
-from regft.cli import entry_point
+from regft.cli import entry_point, shorten
 from regft.errors import UserError
 from regft.export import load_export, section
-from regft.realdata import open_real_split
+from regft.realdata import open_real_split, unreadable_problems
 from regft.registry import resolve_model
 from regft.tasks import Task
 
@@ -40,11 +40,39 @@ def task_of(meta: dict) -> Task:
                 real_test=t.real_test, source="export")
 
 
+def _plain(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit and text.isprintable() else shorten(text, limit)
+
+
+def check_device(device: str) -> str:
+    """`--device` as torch reads it, refused unless this machine has it (no CUDA build or GPU, a
+    GPU index past the last one, a name torch does not know)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {_plain(device)}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {_plain(device)}: this machine has no CUDA GPU (or torch "
+                            "was built without CUDA); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {_plain(device)}: this machine has {count} CUDA GPU(s), "
+                            f"cuda:0..cuda:{count - 1}")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {_plain(device)}: regft.evaluate runs on cpu or cuda[:N]")
+    return str(dev)
+
+
 def evaluate_export(model, real_test: str, batch_size: int, device: str = "cpu") -> dict:
-    """{"correct", "total", "accuracy"} of a loaded export on a real test split."""
+    """{"correct", "total", "accuracy"} of a loaded export on a real test split (every image is
+    checked readable first: a bad one is named, not a traceback half-way)."""
     dataset = open_real_split(task_of(model.meta), real_test, "test", model.transform.to_uint8)
     if dataset is None or len(dataset) == 0:
         raise UserError(f"--real-test {real_test}: no images")
+    problems = unreadable_problems(dataset, f"--real-test {real_test}")
+    if problems:
+        raise UserError(problems)
     module = model.module.to(torch.device(device))
     batches = engine.EvalSet(dataset, None, batch_size, cache=False).batches(
         device, model.transform.mean, model.transform.std)
@@ -69,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    device = check_device(args.device)  # the flags first: seconds before the model is fetched
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     with tempfile.TemporaryDirectory(prefix="regft-model-") as tmp:
         folder = resolve_model(args.model, args.tracking_uri, tmp)
         model = load_export(folder)
@@ -79,9 +110,7 @@ def _main(argv: list[str] | None) -> int:
         raise UserError(f"MODEL {args.model}: the run reported no real test split; give "
                         "--real-test PATH")
     batch_size = args.batch_size or recorded.eval_batch_size or UNRECORDED_EVAL_BATCH_SIZE
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    result = evaluate_export(model, real_test, batch_size, args.device)
+    result = evaluate_export(model, real_test, batch_size, device)
     logged = meta.get("metrics", {}).get("ens_real_test_acc")
     same_split = real_test == recorded.real_test
     out = {"model": str(args.model), "real_test": real_test, **result, "alpha": meta["alpha"],

@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from regft import checkpoint
+from regft.cli import shorten
 from regft.engine import normalize_uint8, split_clip_transform
 from regft.errors import ExportError
 from regft.images import as_pil
@@ -95,9 +96,24 @@ def _as_section(name: str, value: Section | dict | None, where: str) -> Section:
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ExportError(f"{where}: section {name!r} has unknown keys {unknown} (known: "
+        raise ExportError(f"{where}: section {name!r} has unknown keys {shorten(unknown)} (known: "
                           f"{', '.join(known)})")
+    wrong = [f"{name}.{f.name} is {shorten(data[f.name])}, expected {f.type}"
+             for f in dataclasses.fields(cls) if f.name in data and not _fits(data[f.name], f.type)]
+    if wrong:
+        raise ExportError(f"{where}: " + "; ".join(wrong))
     return cls(**data)
+
+
+def _fits(value, annotation: str) -> bool:
+    """Whether a JSON value has a section field's type ("str | None", "int | None", "list[str]")."""
+    if value is None:
+        return annotation.endswith("| None")
+    if annotation.startswith("int"):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if annotation.startswith("list"):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, str)
 
 
 def section(meta: dict, name: str) -> Section:
@@ -145,22 +161,81 @@ def architecture_or_none(bundle) -> dict | None:
         return None
 
 
-def _build_architecture(arch: dict, num_classes: int, embed_dim: int):
-    """(ImageClassifier with zero weights, eval SplitTransform) from a recorded architecture."""
+def _build_architecture(arch: dict, num_classes: int, embed_dim: int, device: str = "cpu"):
+    """(ImageClassifier with zero weights, eval SplitTransform) from a recorded architecture.
+    `device="meta"` builds it without memory (shapes only: what load_export checks first)."""
     import open_clip  # heavy: see _base_model_cfg
 
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # open_clip warns that no weights were loaded: by design
     try:
-        with tempfile.TemporaryDirectory(prefix="regft-arch-") as d:
+        with tempfile.TemporaryDirectory(prefix="regft-arch-") as d, torch.device(device):
             Path(d, "open_clip_config.json").write_text(json.dumps(
                 {"model_cfg": arch["model_cfg"], "preprocess_cfg": arch.get("preprocess_cfg", {})}))
             model, _, preprocess_eval = open_clip.create_model_and_transforms(
-                f"local-dir:{d}", load_weights=False)
+                f"local-dir:{d}", load_weights=False, device=device)
+            head = ClassificationHead(torch.zeros(num_classes, embed_dim))
     finally:
         logging.disable(previous)
-    head = ClassificationHead(torch.zeros(num_classes, embed_dim))
-    return ImageClassifier(model, head).eval(), split_clip_transform(preprocess_eval)
+    params = sum(p.numel() for p in model.parameters())
+    return ImageClassifier(model, head).eval(), split_clip_transform(preprocess_eval), params
+
+
+# the most parameters a recorded architecture may build (text tower included, which is built
+# and dropped): the largest open_clip models have about 5 billion; more is a corrupt JSON
+MAX_PARAMS = 10_000_000_000
+ARCH_INT_MAX = 1_000_000  # any one integer of an architecture (widths, layers, vocabulary)
+IMAGE_SIDE_MAX = 4096  # pixels: the preprocessing's input size
+CHANNELS = 3  # RGB: the preprocessing's mean and std
+
+
+def _numbers(value, path: str):
+    """(path, number) for every number in a JSON value (bools excluded)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, value
+
+
+def architecture_problems(arch: dict) -> list[str]:
+    """What is wrong with an export's `open_clip` section before anything is built from it:
+    the sections' types, numbers that are not finite or absurdly large, and the
+    preprocessing's size, mean and std."""
+    cfg = arch.get("model_cfg")
+    if not isinstance(cfg, dict):
+        return [f"open_clip.model_cfg is {type(cfg).__name__}, expected an object"]
+    problems = [f"open_clip.model_cfg.{k} is {type(cfg.get(k)).__name__}, expected an object"
+                for k in ("vision_cfg", "text_cfg") if not isinstance(cfg.get(k), dict)]
+    embed = cfg.get("embed_dim")
+    if isinstance(embed, bool) or not isinstance(embed, int) or embed < 1:
+        problems.append(f"open_clip.model_cfg.embed_dim is {shorten(embed)}, expected an integer >= 1")
+    pp = arch.get("preprocess_cfg", {})
+    if not isinstance(pp, dict):
+        return problems + [f"open_clip.preprocess_cfg is {type(pp).__name__}, expected an object"]
+    for path, v in _numbers({"model_cfg": cfg, "preprocess_cfg": pp}, "open_clip"):
+        if not math.isfinite(v) or abs(v) > ARCH_INT_MAX:  # negatives exist: init_logit_bias
+            problems.append(f"{path} is {shorten(v)}: not a plausible architecture value")
+    size = pp.get("size")
+    sides = size if isinstance(size, list) else [size] if size is not None else []
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= IMAGE_SIDE_MAX
+               for x in sides) or len(sides) > 2:
+        problems.append(f"open_clip.preprocess_cfg.size is {shorten(size)}, expected 1..."
+                        f"{IMAGE_SIDE_MAX} pixels or [height, width]")
+    for key in ("mean", "std"):
+        v = pp.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == CHANNELS and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and (key == "mean" or x > 0) for x in v)):
+            problems.append(f"open_clip.preprocess_cfg.{key} is {shorten(v)}, expected "
+                            f"{CHANNELS} finite numbers{' > 0' if key == 'std' else ''}")
+    return problems[:LISTED]
+
+
+LISTED = 5  # problems of one export's JSON reported at once
 
 
 # ------------------------------------------------------------------------- writing ----
@@ -292,6 +367,17 @@ def read_meta(folder: str | Path) -> dict:
         raise ExportError(f"{path}: weights {meta['weights']!r} must be a file name in the folder")
     if "model_cfg" not in meta["open_clip"]:
         raise ExportError(f"{path}: open_clip.model_cfg is missing")
+    problems = architecture_problems(meta["open_clip"])
+    names = meta["classnames"]
+    if not all(isinstance(c, str) for c in names) or len(set(names)) != len(names):
+        problems.append("classnames must be distinct strings")
+    if not (math.isfinite(meta["alpha"]) and 0.0 <= meta["alpha"] <= 1.0):
+        problems.append(f"alpha is {shorten(meta['alpha'])}, expected a number in [0, 1]")
+    if meta["num_classes"] < 2 or meta["embed_dim"] < 1:
+        problems.append(f"num_classes {meta['num_classes']} / embed_dim {meta['embed_dim']}: "
+                        "expected >= 2 classes and an embedding size >= 1")
+    if problems:
+        raise ExportError(f"{path}: " + "; ".join(problems) + "; refusing to load it (re-export it)")
     for name in SECTIONS:
         _as_section(name, meta.get(name), str(path))  # refused here, not when first read
     return meta
@@ -396,11 +482,22 @@ class ExportedClassifier:
 
 
 def load_export(folder: str | Path) -> ExportedClassifier:
-    """Verify and load an export folder (safetensors + JSON only; see `verify_export`)."""
+    """Verify and load an export folder (safetensors + JSON only; see `verify_export`). The
+    recorded architecture is first built without memory (torch's meta device): one that cannot
+    be built, is absurdly large or does not fit the weights is refused before any allocation."""
     meta = verify_export(folder)
     shapes = meta.pop("_shapes")
-    module, transform = _build_architecture(meta["open_clip"], meta["num_classes"], meta["embed_dim"])
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    where = Path(folder) / META_FILE
+    try:
+        skeleton, _, params = _build_architecture(meta["open_clip"], meta["num_classes"],
+                                                  meta["embed_dim"], device="meta")
+    except Exception as e:  # whatever open_clip raises for a config it cannot build
+        raise ExportError(f"{where}: open_clip cannot build the recorded architecture "
+                          f"({type(e).__name__}: {shorten(str(e), 120)}); refusing to load it") from e
+    if params > MAX_PARAMS:
+        raise ExportError(f"{where}: the recorded architecture has {params:.3g} parameters (more "
+                          f"than {MAX_PARAMS:.0g}): a corrupt open_clip section; refusing to load it")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     problems = []
     if set(shapes) != set(expected):
         missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
@@ -413,16 +510,37 @@ def load_export(folder: str | Path) -> ExportedClassifier:
     if problems:
         raise ExportError(f"{folder}: weights do not fit the recorded architecture: "
                           + "; ".join(problems[:5]) + "; refusing to load it")
+    module, transform, _ = _build_architecture(meta["open_clip"], meta["num_classes"], meta["embed_dim"])
     module.load_state_dict(load_file(str(Path(folder) / meta["weights"])), strict=True)
     return ExportedClassifier(folder, meta, module.eval(), transform)
 
 
+EXPORTS_LISTED = 3  # candidate export folders named when MODEL is ambiguous
+
+
+def _plain(text: str, limit: int = 60) -> str:
+    """`text` as it is when short and printable (a name, a path), else cli.shorten's bounded form."""
+    return text if len(text) <= limit and text.isprintable() else shorten(text, limit)
+
+
 def find_export(root: str | Path) -> Path:
-    """The export folder at or below `root` (an MLflow download holds it one or two levels down)."""
+    """The export folder at or below `root` (an MLflow download holds it one or two levels down).
+    A file of an export (its JSON or weights) stands for its folder; a folder holding several
+    exports is refused naming them (which one was meant is the user's choice, not sort order)."""
     root = Path(root)
+    if root.is_file():
+        if root.name in (META_FILE, WEIGHTS_FILE):
+            return find_export(root.parent)
+        raise ExportError(f"MODEL {_plain(str(root), 200)}: a file, not an export folder (give the "
+                          f"folder holding {META_FILE} and {WEIGHTS_FILE})")
     if (root / META_FILE).is_file():
         return root
     hits = sorted(p.parent for p in root.rglob(META_FILE))
     if not hits:
-        raise ExportError(f"{root}: no {META_FILE} found; not a regft export")
+        raise ExportError(f"{_plain(str(root), 200)}: no {META_FILE} found; not a regft export")
+    if len(hits) > 1:
+        names = ", ".join(_plain(str(h.relative_to(root))) for h in hits[:EXPORTS_LISTED])
+        more = f" and {len(hits) - EXPORTS_LISTED} more" if len(hits) > EXPORTS_LISTED else ""
+        raise ExportError(f"MODEL {_plain(str(root), 200)}: holds {len(hits)} exports ({names}{more}); "
+                          "give the one to use")
     return hits[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from regft.cli import entry_point
+from regft.cli import entry_point, shorten
 from regft.errors import UserError
 from regft.export import find_export, load_export
 from regft.images import IMAGE_EXTS, image_files
@@ -47,12 +47,13 @@ def collect_images(args: list[str]) -> tuple[list[str], bool]:
             folder = True
             found = sorted(str(f) for f in image_files(p))  # sorted as strings, as printed
             if not found:
-                raise UserError(f"IMAGE {a}: folder has no images ({', '.join(sorted(IMAGE_EXTS))})")
+                raise UserError(f"IMAGE {shorten(a)}: folder has no images "
+                                f"({', '.join(sorted(IMAGE_EXTS))})")
             images += found
         elif p.is_file():
             images.append(str(p))
         else:
-            raise UserError(f"IMAGE {a}: no such file or folder")
+            raise UserError(f"IMAGE {shorten(a)}: no such file or folder")
     return images, folder
 
 

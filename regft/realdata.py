@@ -41,8 +41,9 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 
+from regft.cli import shorten
 from regft.errors import UserError
-from regft.images import IMAGE_EXTS, image_files, load_rgb
+from regft.images import IMAGE_EXTS, image_files, load_rgb, short_path, unreadable_images
 from regft.shapes import render_real_test
 from regft.tasks import SHAPES_REAL, Task, resolve_task
 
@@ -66,6 +67,8 @@ TORCHVISION_TEST = {
 CSV_PATHS_CHECKED = 10_000
 LISTED = 10  # bad rows or labels quoted in an error
 UNKNOWN_LISTED = 8  # unknown class names quoted, each with its closest task classes
+COOP_FIELDS = 3  # a CoOp entry: [image path, label, class name]
+UNREADABLE_LISTED = 3  # unreadable images quoted in an error
 COOP_IMAGE_DIRS = ("", "images", "jpg", "2750", "101_ObjectCategories", "SUN397",
                    "UCF-101-midframes", "car_ims", "data/images")
 
@@ -206,20 +209,34 @@ def read_coop(path: Path, task: Task, split: str, transform=None, where: str = "
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{where}: not a readable CoOp split file ({e})") from e
+        raise UserError(f"{where}: not a readable CoOp split file ({shorten(str(e), 120)})") from e
     if not isinstance(data, dict) or split not in data:
         raise UserError(f"{where}: no {split!r} list in this CoOp split file")
     entries = data[split]
+    if not isinstance(entries, list):
+        raise UserError(f"{where}: {split!r} is {type(entries).__name__}, expected a list of "
+                        "[path, label, classname]")
     if not entries:
         raise UserError(f"{where}: the {split!r} list is empty")
+    bad = [i for i, e in enumerate(entries) if not _coop_entry(e)]
+    if bad:
+        raise UserError(f"{where}: {len(bad)} {split!r} entries are not [path, label, classname] "
+                        f"(path and class name strings, label an integer), e.g. entry {bad[0]}: "
+                        f"{shorten(entries[bad[0]])}")
     mapping = map_labels([e[2] for e in entries], task, where)
     root = next((path.parent / d for d in COOP_IMAGE_DIRS
                  if (path.parent / d / entries[0][0]).is_file()), None)
     if root is None:
-        raise UserError(f"{where}: image {entries[0][0]!r} not found under {path.parent} or its "
-                        f"sub-folders {[d for d in COOP_IMAGE_DIRS if d]}")
+        raise UserError(f"{where}: image {shorten(entries[0][0])} not found under {path.parent} or "
+                        f"its sub-folders {[d for d in COOP_IMAGE_DIRS if d]}")
     items = [(str(root / e[0]), mapping[e[2]]) for e in entries]
     return FileListDataset(items, transform, name=where)
+
+
+def _coop_entry(entry) -> bool:
+    return (isinstance(entry, list) and len(entry) == COOP_FIELDS and isinstance(entry[0], str)
+            and bool(entry[0]) and isinstance(entry[1], int) and not isinstance(entry[1], bool)
+            and isinstance(entry[2], str))
 
 
 def read_torchvision(root: Path, task: Task, transform=None, where: str = ""):
@@ -392,15 +409,48 @@ class Sealed:
 
 # ------------------------------------------------------------- pre-flight checks ----
 def real_split_problems(task: Task, path: str | None, split: str) -> list[str]:
-    """Open one real split's file list and labels (never pixels): a missing folder, classes
-    that are not the task's, or an empty split fail here, before any work."""
+    """Open one real split's file list and labels, then decode every image of it (reduced scale,
+    on threads: images.unreadable_images): a missing folder, classes that are not the task's, an
+    empty split or one unreadable image fail here, before any work, not in the report-only
+    evaluation after every trial trained."""
     if path is None or (split == "test" and path == SHAPES_REAL == task.real_test):
         return []  # nothing given, or the testbed's rendered split (nothing to check)
     try:
         ds = open_real_split(task, path, split)
     except UserError as e:  # a bug's ValueError keeps its traceback
         return [str(e)]
-    return [f"--real-{split} {path}: no images"] if ds is not None and len(ds) == 0 else []
+    if ds is None:
+        return []
+    if len(ds) == 0:
+        return [f"--real-{split} {path}: no images"]
+    return unreadable_problems(ds, f"--real-{split} {path}")
+
+
+def image_paths(ds) -> list[str] | None:
+    """The image files of a real split's dataset (a FileListDataset or a torchvision dataset),
+    None where it keeps no file list (rendered arrays)."""
+    if isinstance(ds, FileListDataset):
+        return [p for p, _ in ds.items]
+    for attr in ("_image_files", "_samples", "samples", "_images"):  # torchvision's names
+        files = getattr(ds, attr, None)
+        if isinstance(files, list) and files:
+            return [str(f[0] if isinstance(f, (tuple, list)) else f) for f in files]
+    return None
+
+
+def unreadable_problems(ds, where: str) -> list[str]:
+    """[] when every image of `ds` decodes, else one problem naming the first few that do not."""
+    paths = image_paths(ds)
+    if not paths:
+        return []
+    t0 = time.time()
+    bad = unreadable_images(paths)
+    log.info("%s: %d images checked readable in %.1f s", where, len(paths), time.time() - t0)
+    if not bad:
+        return []
+    shown = "; ".join(f"{short_path(p, 80)} ({r})" for p, r in bad[:UNREADABLE_LISTED])
+    return [f"{where}: {len(bad)} of {len(paths)} images cannot be read: {shown}"
+            f"{' ...' if len(bad) > UNREADABLE_LISTED else ''}; fix or remove them"]
 
 
 def check_real_data(cfg) -> list[str]:

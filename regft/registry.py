@@ -27,7 +27,7 @@ from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
 from regft import checkpoint
-from regft.cli import redact
+from regft.cli import redact, shorten
 from regft.errors import UserError
 from regft.export import META_FILE, export_checkpoint, find_export, load_export, read_meta
 from regft.mlflow_store import check_tracking_uri, resolve_tracking_uri
@@ -120,12 +120,9 @@ def log_export(tracking_uri: str, run_id: str, folder: str | Path,
 
 
 def download_export(model: str, tracking_uri: str, dst: str | Path) -> Path:
-    """An MLflow run id or `models:/NAME/VERSION` (or any MLflow artifact URI) -> the local export
-    folder, downloaded under `dst`. Only files are fetched; nothing is unpickled."""
-    if model.startswith(("models:/", "runs:/")) or "://" in model:
-        uri = model
-    else:
-        uri = f"runs:/{model}/{ARTIFACT_PATH}"
+    """An MLflow run id, a registered version's files (`_registered_source`) or any MLflow
+    artifact URI -> the local export folder, downloaded under `dst`. Only files are fetched; nothing is unpickled."""
+    uri = f"runs:/{model}/{ARTIFACT_PATH}" if RUN_ID.match(model) else model
     previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a few small files: no bar
     try:
@@ -202,26 +199,83 @@ def deliver_best(results, best, *, client, tracking_uri: str, parent_id: str, se
 
 # ------------------------------------------------------------- MODEL arguments ----
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # an MLflow run id
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))/?$")
 ERROR_CHARS = 300  # of MLflow's first error line, quoted in ours
+VERSIONS_LISTED = 5  # existing versions / registered models named when one is not found
+
+
+def _plain(text: str, limit: int = 60) -> str:
+    """`text` as it is when short and printable (a name, a path), else cli.shorten's bounded form."""
+    return text if len(text) <= limit and text.isprintable() else shorten(text, limit)
 
 
 def resolve_model(model: str, tracking_uri: str | None, tmp: str) -> Path:
     """The MODEL argument of regft.predict / regft.evaluate -> a local export folder: a folder as
-    it is, an MLflow run id (the search's parent run), runs:/ or models:/NAME/VERSION downloaded
-    into `tmp`. Anything else, or an MLflow that cannot serve it, is a UserError naming the fix."""
+    it is, an MLflow run id (the search's parent run), runs:/ or models:/NAME/VERSION (or
+    models:/NAME@ALIAS, models:/NAME/latest) downloaded into `tmp`, every lookup against
+    `tracking_uri` (else $MLFLOW_TRACKING_URI, else ./mlflow.db). Reading a model creates no
+    store: a sqlite database that does not exist is refused. Anything else, or an MLflow that
+    cannot serve it, is a UserError naming the fix."""
     path = Path(model).expanduser()
     if path.exists():
         return find_export(path)
-    if model.startswith(("models:/", "runs:/")) or RUN_ID.match(model):
-        uri = resolve_tracking_uri(tracking_uri)
-        problems = check_tracking_uri(uri)  # seconds, instead of MLflow's minutes of retries
-        if problems:
-            raise UserError(problems)
-        try:
-            return download_export(model, uri, tmp)
-        except Exception as e:  # MlflowException, missing artifacts: one line, exit 2
-            first = str(e).strip().splitlines()[0][:ERROR_CHARS] if str(e).strip() else type(e).__name__
-            raise UserError(f"MODEL {model}: cannot fetch it from MLflow at {redact(uri)} ({redact(first)}); "
-                            "check the run id / models:/NAME/VERSION and --tracking-uri") from e
-    raise UserError(f"MODEL {model}: no such folder, and not an MLflow run id (32 hex digits) or "
-                    "models:/NAME/VERSION")
+    if not (model.startswith(("models:/", "runs:/")) or RUN_ID.match(model)):
+        raise UserError(f"MODEL {_plain(model)}: no such folder, and not an MLflow run id (32 hex "
+                        "digits) or models:/NAME/VERSION")
+    uri = resolve_tracking_uri(tracking_uri)
+    problems = check_tracking_uri(uri) + _missing_database(uri, tracking_uri)
+    if problems:  # seconds, instead of MLflow's minutes of retries; nothing created
+        raise UserError(problems)
+    try:
+        source = _registered_source(model, uri) if model.startswith("models:/") else model
+        return download_export(source, uri, tmp)
+    except UserError:
+        raise
+    except Exception as e:  # MlflowException, missing artifacts: one line, exit 2
+        first = str(e).strip().splitlines()[0][:ERROR_CHARS] if str(e).strip() else type(e).__name__
+        raise UserError(f"MODEL {_plain(model)}: cannot fetch it from MLflow at {redact(uri)} "
+                        f"({redact(first)}); check the run id / models:/NAME/VERSION and "
+                        "--tracking-uri") from e
+
+
+def _missing_database(uri: str, given: str | None) -> list[str]:
+    """A sqlite store that does not exist holds no model; MLflow would create an empty one."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        flag = "--tracking-uri" if given else "the default tracking store (--tracking-uri)"
+        return [f"{flag} {redact(uri)}: no such database file; give the tracking URI the search "
+                "logged to (its summary prints it)"]
+    return []
+
+
+def _registered_source(model: str, uri: str) -> str:
+    """models:/NAME/VERSION (or @ALIAS, /latest) -> where that version's files are, looked up in
+    the registry at `uri` (MLflow's own resolution of models:/ reads the process-wide registry
+    URI, not the one given: it would read and create ./mlflow.db)."""
+    m = MODEL_URI.match(model)
+    if m is None:
+        raise UserError(f"MODEL {_plain(model)}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = m["name"]
+    versions = sorted((int(v.version) for v in client.search_model_versions(f"name = '{name}'")),
+                      reverse=True)
+    if not versions:
+        known = [r.name for r in client.search_registered_models(max_results=VERSIONS_LISTED)]
+        raise UserError(f"MODEL {_plain(model)}: no registered model {_plain(name)} at "
+                        f"{redact(uri)} (registered: {', '.join(known) or 'none'}); check the "
+                        "name and --tracking-uri")
+    if m["alias"]:
+        version = client.get_model_version_by_alias(name, m["alias"]).version
+    elif m["version"] == "latest":
+        version = str(versions[0])
+    elif not m["version"].isdigit() or int(m["version"]) not in versions:
+        shown = ", ".join(map(str, versions[:VERSIONS_LISTED]))
+        raise UserError(f"MODEL {_plain(model)}: model {_plain(name)} has no version "
+                        f"{_plain(m['version'], 20)} at {redact(uri)} (versions: {shown}"
+                        f"{' ...' if len(versions) > VERSIONS_LISTED else ''})")
+    else:
+        version = m["version"]
+    source = client.get_model_version_download_uri(name, version)
+    logged = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", source or "")
+    if logged:  # an MLflow 3 logged model: its artifact location, from the same store
+        source = client.get_logged_model(logged[1]).artifact_location
+    return source
