@@ -34,6 +34,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,14 @@ from tqdm.auto import tqdm
 
 from regft import console, faults, raylocal
 from regft import store as st
-from regft.cli import UserError, entry_point
+from regft.cli import UserError, entry_point, shorten
+from regft.config import (
+    empty_value_problems,
+    finite_float,
+    flag_names,
+    non_finite_fields,
+    seed_problem,
+)
 from regft.generators import DTYPES, PAPER_GENERATOR, make_generator, native_resolution
 from regft.prompts import PROMPT_STRATEGIES, Item, make_items
 from regft.tasks import Task, TaskError, resolve_task
@@ -55,6 +63,19 @@ PAPER_OUTPUT_SIZE = 224  # method.md: 512 px generations saved at 224 x 224 (bic
 # never credentials
 FORWARDED_ENV = ("REGFT_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HUGGINGFACE_HUB_CACHE",
                  "TRANSFORMERS_OFFLINE", "OMP_WAIT_POLICY")
+
+
+# flags of this module's command line whose name is not the field's (the rest: --field-name)
+GENERATE_FLAGS = {"classnames_file": "--classnames", "generator_options": "--generator-option"}
+# the largest generation / saved image side: 4x what SD-class models are trained at (1024 px);
+# beyond it one image's latents alone exhaust an accelerator's memory
+MAX_IMAGE_SIZE = 4096
+
+
+def generate_label(field_name: str) -> str:
+    """A GenerationConfig field as this command line sets it: 'steps (--steps)'."""
+    flag = GENERATE_FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+    return f"{field_name} ({flag})"
 
 
 @dataclass
@@ -82,39 +103,48 @@ class GenerationConfig:
     progress: bool = True
     samples: bool = True  # write samples.png next to the manifest
 
-    def validate(self) -> list[str]:
-        """Every problem with the fields alone (task, store and cluster are checked later)."""
+    def validate(self, label: Callable[[str], str] | None = None) -> list[str]:
+        """Every problem with the fields alone (task, store and cluster are checked later).
+        `label(field)` names a field the way the command in use sets it (default: this module's
+        command line, `generate_label`; regft.tune passes its own flag names)."""
+        n = label or generate_label
         p = []
         if not self.task and not self.classnames_file:
-            p.append("task: give a task name (e.g. cars) or classnames_file (--classnames FILE)")
+            p.append(f"task: give a task name (e.g. cars) or {n('classnames_file')}")
+        p += [f"{n(f)} must be a finite number, got {getattr(self, f)}" for f in non_finite_fields(self)]
         if self.max_classes is not None and self.max_classes < 2:
-            p.append(f"max_classes (--max-classes) must be >= 2 (a classifier needs two classes), "
+            p.append(f"{n('max_classes')} must be >= 2 (a classifier needs two classes), "
                      f"got {self.max_classes}")
-        if self.images_per_class <= 0:
-            p.append(f"images_per_class (--images-per-class) must be >= 1, got {self.images_per_class}")
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            p.append(f"resolution (--resolution) must be a positive multiple of 8 (the VAE works "
-                     f"on 8x8 patches), got {self.resolution}; e.g. "
-                     f"{max(8, round(self.resolution / 8) * 8)}")
-        if self.output_size is not None and self.output_size <= 0:
-            p.append(f"output_size (--output-size) must be >= 1, got {self.output_size}")
-        if self.steps <= 0:
-            p.append(f"steps (--steps) must be >= 1, got {self.steps}")
+        for f in ("images_per_class", "steps", "batch_size", "shard_size"):
+            if getattr(self, f) <= 0:
+                p.append(f"{n(f)} must be >= 1, got {getattr(self, f)}")
+        for f in ("num_actors", "output_size"):
+            if getattr(self, f) is not None and getattr(self, f) <= 0:
+                p.append(f"{n(f)} must be >= 1, got {getattr(self, f)}")
+        p += self._size_problems(n)
         if self.guidance < 0:
-            p.append(f"guidance (--guidance) must be >= 0, got {self.guidance}")
-        if self.batch_size <= 0:
-            p.append(f"batch_size (--batch-size) must be >= 1, got {self.batch_size}")
-        if self.shard_size <= 0:
-            p.append(f"shard_size (--shard-size) must be >= 1, got {self.shard_size}")
-        if self.num_actors is not None and self.num_actors <= 0:
-            p.append(f"num_actors (--num-actors) must be >= 1, got {self.num_actors}")
+            p.append(f"{n('guidance')} must be >= 0, got {self.guidance}")
+        seed = seed_problem(self.seed, n("seed"))
+        if seed:
+            p.append(seed)
         if self.prompt_strategy not in PROMPT_STRATEGIES:
-            p.append(f"prompt_strategy (--prompt-strategy): unknown {self.prompt_strategy!r}; "
+            p.append(f"{n('prompt_strategy')}: unknown {shorten(self.prompt_strategy)}; "
                      f"choose from {', '.join(sorted(PROMPT_STRATEGIES))}")
         if self.dtype not in DTYPES:
-            p.append(f"dtype (--dtype): unknown {self.dtype!r}; choose from {', '.join(DTYPES)}")
+            p.append(f"{n('dtype')}: unknown {shorten(self.dtype)}; choose from {', '.join(DTYPES)}")
         if not self.generator:
-            p.append(f"generator (--generator) must not be empty; e.g. {PAPER_GENERATOR} or tiny")
+            p.append(f"{n('generator')} must not be empty; e.g. {PAPER_GENERATOR} or tiny")
+        return p
+
+    def _size_problems(self, n: Callable[[str], str]) -> list[str]:
+        p = []
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            p.append(f"{n('resolution')} must be a positive multiple of 8 (the VAE works "
+                     f"on 8x8 patches), got {self.resolution}; e.g. "
+                     f"{max(8, round(self.resolution / 8) * 8)}")
+        for f in ("resolution", "output_size"):
+            if (getattr(self, f) or 0) > MAX_IMAGE_SIZE:
+                p.append(f"{n(f)} must be <= {MAX_IMAGE_SIZE} px, got {getattr(self, f)}")
         return p
 
     # derived values live here, next to the defaults, so they are computed in one place
@@ -324,7 +354,11 @@ def check_request(cfg: GenerationConfig):
         except (ValueError, TypeError, RuntimeError, ImportError) as e:
             # WeightsUnavailable is a RuntimeError: reported as one line, no traceback
             msg = str(e)
-            problems.append(msg if msg.startswith("generator") else f"generator {cfg.generator!r}: {msg}")
+            msg = msg if msg.startswith("generator") else f"generator {shorten(cfg.generator)}: {msg}"
+            options = [k for k in cfg.generator_options if str(k) in msg]
+            if options:  # an option the generator refused: say where it came from
+                msg += f" (set by --generator-option {options[0]}=...)"
+            problems.append(msg)
     if problems:
         raise UserError(problems)
     return task, generator
@@ -584,10 +618,13 @@ def _is_disk_full(e: BaseException) -> bool:
 
 # ------------------------------------------------------------------- CLI ----
 
+USAGE = "%(prog)s [TASK] [--classnames FILE] [--FLAG VALUE ...]   (every flag: --help)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = GenerationConfig()
     p = argparse.ArgumentParser(
-        prog="python -m regft.generate",
+        prog="python -m regft.generate", usage=USAGE,  # an error prints the usage: keep it one line
         description="Generate a labelled synthetic dataset for a task's class names with a "
                     "text-to-image model, on every GPU (or CPU) of a Ray cluster.",
     )
@@ -603,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-size", type=int, help="saved image size, bicubic (default: 224 for "
                    "SD models, else the resolution)")
     p.add_argument("--steps", type=int, help=f"denoising steps (default {d.steps})")
-    p.add_argument("--guidance", type=float, help=f"classifier-free guidance (default {d.guidance})")
+    p.add_argument("--guidance", type=finite_float, help=f"classifier-free guidance (default {d.guidance})")
     p.add_argument("--batch-size", type=int, help=f"images per inference call (default {d.batch_size})")
     p.add_argument("--store", help="dataset store folder or URI (default $REGFT_STORE or ./regft_data)")
     p.add_argument("--seed", type=int, help=f"base seed (default {d.seed})")
@@ -624,18 +661,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
 def config_from_args(args: argparse.Namespace) -> GenerationConfig:
     names = {f.name for f in dataclasses.fields(GenerationConfig)}
     kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    options, problems = {}, []
+    options = {}
+    problems = empty_value_problems(args, flag_names(build_parser()))
     for opt in args.generator_option:
         key, sep, value = opt.partition("=")
         if not sep or not key:
-            problems.append(f"--generator-option {opt!r}: expected KEY=VALUE, e.g. gap=0.5")
+            problems.append(f"--generator-option {shorten(opt)}: expected KEY=VALUE, e.g. gap=0.5")
             continue
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
+        try:  # NaN / Infinity are not numbers here: kept as text, refused by the generator
+            options[key] = json.loads(value, parse_constant=_refuse_constant)
+        except ValueError:
             options[key] = value
     if problems:
         raise UserError(problems)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from regft.errors import TaskError
+from regft.cli import shorten
+from regft.config import read_user_text
+from regft.errors import TaskError, UserError
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 DEFAULT_GENERATION_TEMPLATE = "a photo of a {}."
@@ -37,7 +40,7 @@ def unsafe_name_problem(value: str, field: str) -> str | None:
     """None if `value` is a safe name (SAFE_NAME), else a message naming the field and a fix."""
     if SAFE_NAME.match(value):
         return None
-    return (f"{field} {value!r}: names folders and runs, so it may hold only letters, digits, "
+    return (f"{field} {shorten(value)}: names folders and runs, so it may hold only letters, digits, "
             f"'.', '_' and '-' (starting with a letter or digit, at most {MAX_NAME}); e.g. "
             f"{safe_slug(value)!r}")
 
@@ -162,23 +165,70 @@ def load_task(name: str) -> Task:
     )
 
 
+# A class-name file is a short list (ImageNet-21k's 21,841 names are ~0.5 MB); anything far
+# larger is the wrong file, and is refused before it is read into memory
+MAX_CLASSNAMES_BYTES = 4 * 2**20
+MAX_CLASSES = 100_000
+# CLIP reads 77 tokens; a "name" much longer than a sentence is a pasted paragraph or a CSV row
+MAX_CLASSNAME = 300
+# characters that are invisible or reorder text: two names that look the same may differ by one
+# (zero-width space, direction marks, bidirectional embeddings/overrides/isolates, word joiner,
+# a byte-order mark inside the file)
+INVISIBLE = frozenset("\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                      "\u2060\u2066\u2067\u2068\u2069\ufeff")
+
+
+def normalize_classname(name: str) -> str:
+    """A class name as it is used: Unicode NFC, runs of white space collapsed to one space."""
+    return " ".join(unicodedata.normalize("NFC", name).split())
+
+
+def classname_key(name: str) -> str:
+    """What makes two class names the same class: equal after normalize_classname, compatibility
+    folding (NFKC: full-width letters, ligatures) and case folding."""
+    return unicodedata.normalize("NFKC", normalize_classname(name)).casefold()
+
+
+def _bad_character(name: str) -> str | None:
+    """The first control, line-separator or invisible character of `name`, as U+XXXX."""
+    for ch in name:
+        if ch == "\t":
+            continue  # white space: collapsed like a space
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in INVISIBLE:
+            return f"U+{ord(ch):04X}"
+    return None
+
+
 def validate_classnames(names: list[str], where: str) -> list[str]:
-    """Every problem with a list of class names, as messages (empty list: fine)."""
+    """Every problem with a list of class names, as messages (empty list: fine). Names are
+    compared as classname_key compares them; line numbers count from 1."""
     problems = []
     if not names:
         problems.append(f"{where}: no class names")
+    if len(names) > MAX_CLASSES:
+        problems.append(f"{where}: {len(names)} class names, more than {MAX_CLASSES}")
+        return problems
     blanks = [i + 1 for i, n in enumerate(names) if not n.strip()]
     if blanks:
         problems.append(f"{where}: blank class name on line(s) {blanks[:LISTED]}")
+    bad = [(i + 1, c) for i, n in enumerate(names) if (c := _bad_character(n))]
+    if bad:
+        problems.append(f"{where}: control or invisible character on line(s) "
+                        f"{', '.join(f'{i} ({c})' for i, c in bad[:LISTED])}; remove it")
+    long = [i + 1 for i, n in enumerate(names) if len(n) > MAX_CLASSNAME]
+    if long:
+        problems.append(f"{where}: class name longer than {MAX_CLASSNAME} characters on line(s) "
+                        f"{long[:LISTED]} (one name per line)")
     seen: dict[str, int] = {}
     dups = []
     for i, n in enumerate(names):
-        key = n.strip().lower()
+        key = classname_key(n)
         if key and key in seen:
-            dups.append(f"{n.strip()!r} (lines {seen[key]} and {i + 1})")
+            dups.append(f"{shorten(normalize_classname(n), 40)} (lines {seen[key]} and {i + 1})")
         seen.setdefault(key, i + 1)
     if dups:
-        problems.append(f"{where}: duplicate class name(s) {', '.join(dups[:LISTED])}")
+        problems.append(f"{where}: duplicate class name(s) {', '.join(dups[:LISTED])} (names equal "
+                        "up to case, Unicode form and white space are one class)")
     if names and len(names) < 2:
         problems.append(f"{where}: a classifier needs at least 2 classes, got {len(names)}")
     return problems
@@ -187,28 +237,28 @@ def validate_classnames(names: list[str], where: str) -> list[str]:
 def task_from_classnames_file(path: str | Path, name: str | None = None) -> Task:
     """A task from a UTF-8 text file, one class name per line, in label order.
 
-    A trailing newline is fine; any blank line inside, a duplicate (case-insensitive) or an
-    empty file is rejected, naming the lines.
+    Read by config.read_user_text (BOM dropped; not UTF-8, NUL, too large: refused). Lines end
+    at LF, CR LF or CR. A trailing newline is fine; a blank line inside, a control or invisible
+    character, a duplicate (classname_key) or an empty file is rejected, naming the lines.
+    Names are kept as normalize_classname gives them.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise TaskError(f"--classnames {p}: file not found")
+    where = f"--classnames {shorten(str(path))}"
     try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:  # a ValueError the CLI would no longer take for a user error
-        raise TaskError(f"--classnames {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = text.splitlines()
+        text = read_user_text(path, "--classnames", MAX_CLASSNAMES_BYTES)
+    except UserError as e:
+        raise TaskError(str(e)) from None
+    lines = re.split(r"\r\n|\r|\n", text)
     while lines and not lines[-1].strip():  # allow trailing blank lines only
         lines.pop()
-    problems = validate_classnames(lines, where=f"--classnames {p}")
+    problems = validate_classnames(lines, where=where)
     if name is not None and unsafe_name_problem(name, "task name"):
         problems.append(unsafe_name_problem(name, "task name"))
     if problems:
         raise TaskError("; ".join(problems))
     return Task(
-        name=name or safe_slug(p.stem),
-        classnames=tuple(n.strip() for n in lines),
-        source=f"file:{p.name}",
+        name=name or safe_slug(Path(path).stem),
+        classnames=tuple(normalize_classname(n) for n in lines),
+        source=f"file:{Path(path).name}",
     )
 
 

@@ -46,7 +46,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,13 +58,20 @@ import ray.train.torch
 import torch
 from ray.data import DataContext, RandomSeedConfig
 from ray.data.expressions import random as row_random
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from regft import checkpoint as ckpt
 from regft import console, faults, raylocal
 from regft import store as st
-from regft.cli import UserError, entry_point
-from regft.config import from_dict
+from regft.cli import UserError, entry_point, shorten
+from regft.config import (
+    empty_value_problems,
+    finite_float,
+    flag_names,
+    from_dict,
+    non_finite_fields,
+    seed_problem,
+)
 from regft.console_ray import ray_logs_dir, train_epoch_lines
 from regft.distributed import all_reduce_sum, gather_features, gather_rows, rank_and_world
 from regft.engine import (
@@ -109,6 +116,7 @@ from regft.reports import (
     parse_result,
 )
 from regft.resources import check_resources, cluster_capacity
+from regft.search_space import MAX_ALPHAS
 from regft.store import TorchImageDataset
 from regft.tasks import Task, resolve_task, unsafe_name_problem
 from regft.zeroshot import ImageClassifier
@@ -122,6 +130,7 @@ EVAL_CACHE_BYTES = 4 * 2**30  # per rank: decoded eval images kept in memory up 
 # the task overhead, small enough to keep a data CPU's batch of 224 px images ~10 MB)
 DECODE_BATCH_ROWS = 64
 PREFETCH_BATCHES = 2  # train batches Ray Data prepares ahead of the step that needs them
+MIN_VC_BATCH = 2  # VC's variance and covariance are statistics over a worker's batch
 FLOAT_MANTISSA = 2**53  # a uniform float in [0, 1) -> a distinct integer seed (53-bit mantissa)
 
 
@@ -180,54 +189,72 @@ class TrainConfig:
     seed: int = 0
     audit_log: str | None = None  # JSON-lines record of when each split is opened (tests, audits)
 
-    def validate(self) -> list[str]:
+    def validate(self, label: Callable[[str], str] | None = None) -> list[str]:
+        """Every problem with the fields, each naming its field as `label(field)` does (default:
+        the field's name; the command lines pass their flag names)."""
+        n = label or str
         p = []
         if not self.task and not self.classnames:
             p.append("task: give a task name (e.g. cars) or classnames FILE")
+        # one number check for every float field (NaN < 0 is False: it would pass the rest)
+        p += [f"{n(f)}: must be a finite number, got {getattr(self, f)}" for f in non_finite_fields(self)]
         for name in ("batch_size", "epochs", "num_workers", "keep_checkpoints", "eval_batch_size"):
             if getattr(self, name) <= 0:
-                p.append(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            p.append(f"lr: must be > 0, got {self.lr}")
+                p.append(f"{n(name)}: must be > 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            p.append(f"{n('lr')}: must be > 0, got {self.lr}")
         for name in ("weight_decay", "vc_weight", "vc_cov_ratio", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:
-                p.append(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.batch_size > 0 and self.num_workers > 0:
-            if self.batch_size % self.num_workers:
-                p.append(f"batch_size {self.batch_size} is not divisible by num_workers "
-                         f"{self.num_workers} (the global batch is split evenly)")
-            elif self.batch_size // self.num_workers < 2 and self.vc_weight > 0:
-                p.append(f"batch_size {self.batch_size} over {self.num_workers} workers: VC needs "
-                         "at least 2 images per worker")
+                p.append(f"{n(name)}: must be >= 0, got {getattr(self, name)}")
+        if self.max_classes is not None and self.max_classes < 2:
+            p.append(f"{n('max_classes')}: a classifier needs at least 2 classes, got {self.max_classes}")
+        seed = seed_problem(self.seed, n("seed"))
+        if seed:
+            p.append(seed)
+        p += self._batch_problems(n)
         if self.precision not in PRECISIONS:
-            p.append(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+            p.append(f"{n('precision')}: {shorten(self.precision)} is not one of {', '.join(PRECISIONS)}")
         elif self.precision == "fp16" and not self.use_gpu:
-            p.append("precision fp16 needs use_gpu (CPU autocast supports bf16 only)")
+            p.append(f"{n('precision')} fp16 needs use_gpu (CPU autocast supports bf16 only)")
         if not self.alpha_grid:
-            p.append("alpha_grid: empty; e.g. [0.0, 0.1, ..., 1.0]")
+            p.append(f"{n('alpha_grid')}: empty; e.g. [0.0, 0.1, ..., 1.0]")
         elif any(not 0.0 <= float(a) <= 1.0 for a in self.alpha_grid):
-            p.append(f"alpha_grid: every alpha must be in [0, 1], got {list(self.alpha_grid)}")
+            p.append(f"{n('alpha_grid')}: every alpha must be in [0, 1], got {shorten(list(self.alpha_grid))}")
         if self.alpha_rule not in ALPHA_RULES:
-            p.append(f"alpha_rule: {self.alpha_rule!r} is not one of {', '.join(ALPHA_RULES)}")
+            p.append(f"{n('alpha_rule')}: {shorten(self.alpha_rule)} is not one of {', '.join(ALPHA_RULES)}")
         if self.selection_metric not in SELECTION_METRICS:
-            p.append(f"selection_metric: {self.selection_metric!r} is not one of "
+            p.append(f"{n('selection_metric')}: {shorten(self.selection_metric)} is not one of "
                      f"{', '.join(SELECTION_METRICS)} (the real test split is never used to select)")
         if self.selection_metric == "real_val" and not self.real_val:
-            p.append("selection_metric real_val needs real_val (a labelled real validation set)")
+            p.append(f"{n('selection_metric')} real_val needs {n('real_val')} (a labelled real "
+                     "validation set)")
         if not 0.0 < self.val_fraction < 1.0:
-            p.append(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+            p.append(f"{n('val_fraction')}: must be in (0, 1), got {self.val_fraction}")
         if self.cpus_per_worker <= 0:
-            p.append(f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+            p.append(f"{n('cpus_per_worker')}: must be > 0, got {self.cpus_per_worker}")
         if self.use_gpu and self.gpus_per_worker <= 0:
-            p.append(f"gpus_per_worker: must be > 0 with use_gpu, got {self.gpus_per_worker}")
+            p.append(f"{n('gpus_per_worker')}: must be > 0 with use_gpu, got {self.gpus_per_worker}")
         return p
+
+    def _batch_problems(self, n: Callable[[str], str]) -> list[str]:
+        """The global batch is split evenly over the workers; VC's statistics need two samples
+        on each."""
+        if self.batch_size <= 0 or self.num_workers <= 0:
+            return []
+        if self.batch_size % self.num_workers:
+            return [f"{n('batch_size')} {self.batch_size} is not divisible by {n('num_workers')} "
+                    f"{self.num_workers} (the global batch is split evenly)"]
+        if self.batch_size // self.num_workers < MIN_VC_BATCH and self.vc_weight > 0:
+            return [f"{n('batch_size')} {self.batch_size} over {self.num_workers} workers "
+                    f"({n('num_workers')}): VC needs at least {MIN_VC_BATCH} images per worker"]
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "train config") -> TrainConfig:
-        return from_dict(cls, data, where=where)
+    def from_dict(cls, data: dict, where: str = "train config", validate: bool = True) -> TrainConfig:
+        return from_dict(cls, data, where=where, validate=validate)
 
 
 def resolve_train_task(cfg: TrainConfig) -> Task:
@@ -716,7 +743,8 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
             train=cfg.to_dict(), dataset_path=dataset_path, steps_per_epoch=steps,
             fault=None if fault is None else dataclasses.asdict(faults.Fault.from_dict(fault)),
             train_pil=repr(train_tf.pil))),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        # its process-group store on the node's loopback IP when that is one (regft.raylocal)
+        torch_config=raylocal.LoopbackTorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         datasets={"train": train},
@@ -804,10 +832,15 @@ def resolve_dataset(arg: str | None, cfg: TrainConfig, store: str | None) -> str
     return ensure_dataset(gen)
 
 
+USAGE = "%(prog)s [TASK] [--dataset DATASET] [--FLAG VALUE ...]   (every flag: --help)"
+# TrainConfig fields set by a flag of another name (the rest: --field-name, see flag_names)
+TRAIN_FLAGS = {"alpha_grid": "--alpha-step"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m regft.train",
+        prog="python -m regft.train", usage=USAGE,  # an error prints the usage: keep it one line
         description="Fine-tune CLIP on a generated dataset (CE + VC) with Ray Train, sweep the "
                     "weight-space ensemble, and report zero-shot / fine-tuned / ensemble accuracy.")
     p.add_argument("task", nargs="?", help="catalog task (e.g. cars, shapes) or a name for --classnames")
@@ -816,15 +849,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="generated dataset folder/URI, or its id in --store "
                    "(default: generate the task's dataset with regft.generate's defaults)")
     p.add_argument("--store", help="dataset store (default: $REGFT_STORE, else ./regft_data)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--vc-weight", type=float, default=d.vc_weight)
-    p.add_argument("--vc-cov-ratio", type=float, default=d.vc_cov_ratio)
+    p.add_argument("--lr", type=finite_float, default=d.lr)
+    p.add_argument("--vc-weight", type=finite_float, default=d.vc_weight)
+    p.add_argument("--vc-cov-ratio", type=finite_float, default=d.vc_cov_ratio)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--weight-decay", type=finite_float, default=d.weight_decay)
     p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker)
+    p.add_argument("--cpus-per-worker", type=finite_float, default=d.cpus_per_worker)
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     p.add_argument("--model", default=d.model)
@@ -833,11 +866,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-test", help="real test split: torchvision root, ImageFolder, CSV or CoOp json")
     p.add_argument("--real-val", help="labelled real validation split (ImageFolder, CSV or CoOp json)")
     p.add_argument("--selection-metric", default=d.selection_metric, choices=SELECTION_METRICS)
-    p.add_argument("--alpha-step", type=float, default=0.1, help="alpha grid 0..1 with this step")
+    p.add_argument("--alpha-step", type=finite_float, default=0.1, help="alpha grid 0..1 with this step")
     p.add_argument("--alpha-rule", default=d.alpha_rule, choices=ALPHA_RULES,
                    help="knee (default): where the selection curve's rise flattens; 1se: smallest "
                         "alpha within one standard error of the best; argmax: the best")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--val-fraction", type=finite_float, default=d.val_fraction)
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--storage", default="regft_runs/train",
@@ -854,12 +887,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    try:
-        grid = alpha_grid(args.alpha_step)
-    except EnsembleError as e:
-        raise UserError(f"--alpha-step {args.alpha_step}: {e}") from e
+    """The TrainConfig the flags describe; every problem of the flags at once, each naming its
+    flag (UserError)."""
+    flags = {**flag_names(build_parser()), **TRAIN_FLAGS}
+    problems = empty_value_problems(args, flags, allowed=("pretrained",))  # '': random init
+    if args.max_failures < 0:  # Ray reads -1 as "retry forever"
+        problems.append(f"--max-failures: must be >= 0, got {args.max_failures}")
+    grid = default_alpha_grid()
+    if args.alpha_step > 0 and 1 / args.alpha_step + 1 > MAX_ALPHAS:
+        problems.append(f"--alpha-step {args.alpha_step}: more than {MAX_ALPHAS} alphas (each is "
+                        f"one evaluation of every split); use a step >= {1 / (MAX_ALPHAS - 1):g}")
+    else:
+        try:
+            grid = alpha_grid(args.alpha_step)
+        except EnsembleError as e:
+            problems.append(f"--alpha-step {args.alpha_step}: {e}")
     pretrained = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
-    return TrainConfig.from_dict({
+    cfg = TrainConfig.from_dict({
         "task": args.task, "classnames": args.classnames, "max_classes": args.max_classes,
         "model": args.model, "pretrained": pretrained, "lr": args.lr,
         "weight_decay": args.weight_decay, "batch_size": args.batch_size, "epochs": args.epochs,
@@ -871,7 +915,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "keep_checkpoints": args.keep_checkpoints, "num_workers": args.num_workers,
         "use_gpu": args.use_gpu, "cpus_per_worker": args.cpus_per_worker, "seed": args.seed,
         "audit_log": os.path.abspath(args.audit_log) if args.audit_log else None,
-    }, where="arguments")
+    }, where="arguments", validate=False)
+    problems += cfg.validate(lambda f: flags.get(f, f))
+    if problems:
+        raise UserError(problems)
+    return cfg
 
 
 def _main(argv: list[str] | None) -> int:

@@ -33,12 +33,12 @@ def test_valid_space_converts_to_tune_domains():
             "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3},
             "vc_weight": {"distribution": "uniform", "low": 0, "high": 1},
             "vc_cov_ratio": {"distribution": "choice", "values": [0.125, 0.5]},
-            "epochs": {"distribution": "int", "low": 1, "high": 3},
+            "warmup_steps": {"distribution": "int", "low": 1, "high": 3},
         },
         "alpha": {"low": 0.2, "high": 0.8, "step": 0.2},
     })
     domains = space.to_tune()
-    assert set(domains) == {"lr", "vc_weight", "vc_cov_ratio", "epochs"}
+    assert set(domains) == {"lr", "vc_weight", "vc_cov_ratio", "warmup_steps"}
     assert domains["lr"].lower == 1e-5 and domains["vc_cov_ratio"].categories == [0.125, 0.5]
     assert space.alpha.values() == [0.2, 0.4, 0.6, 0.8]
 
