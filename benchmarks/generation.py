@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/generation.py                    # prints the figures
     .venv/bin/python benchmarks/generation.py --write-results    # and updates benchmarks/RESULTS.md
+    # the real size on a GPU (benchmarks/gpu.sh): SD 2.1-base architecture, random weights
+    python benchmarks/generation.py --pipeline sd21-random --device cuda --dtype fp16 \
+        --resolution 512 --steps 50 --batch-size 8 --runs plain,ray1 --json gen-b8.json
 
 Same items (the first --classes classes of cars, --per-class images each), same pipeline folder,
 same inference batches and shard files in all runs; only the execution differs:
@@ -13,13 +16,16 @@ loading the pipeline, the Ray runs include starting the actors (imports + pipeli
 `ray.init`. "steady" leaves out the start-up: images after the first shard / time from the first
 to the last shard.
 
-The pipeline is a randomly initialised Stable Diffusion architecture sized for a CPU (SD 2.1's
-exact weights are 865 M UNet parameters, minutes per image here), big enough that per-image
-compute dominates Ray's per-shard overhead.
+The pipeline (`--pipeline bench`, the default) is a randomly initialised Stable Diffusion
+architecture sized for a CPU (SD 2.1's exact weights are 865 M UNet parameters, minutes per image
+here), big enough that per-image compute dominates Ray's per-shard overhead. `--pipeline
+sd21-random` is SD 2.1-base's real architecture with seeded random weights (regft.realsize, the
+generator option `weights: random`): the real cost per image, for a GPU.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -83,13 +89,37 @@ def build_bench_pipeline(resolution: int, seed: int = 0):
     return pipe, sizes
 
 
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+
+
+def pipeline_for(args, work: Path) -> tuple[str, dict, dict, int]:
+    """(generator name or folder, generator options, parameter counts, output size)."""
+    if args.pipeline == "sd21-random":
+        from regft import realsize
+
+        counts = realsize.parameter_counts()
+        sizes = {k: counts[k] for k in ("unet", "vae", "text_encoder")}
+        # the real job's output size: 224 px for SD models (GenerationConfig's default)
+        return realsize.SD21_BASE, {"weights": realsize.RANDOM}, sizes, None
+    pipe, sizes = build_bench_pipeline(args.resolution)
+    folder = str(work / "bench-sd")
+    pipe.save_pretrained(folder)
+    return folder, {}, sizes, args.resolution
+
+
 def steady(times: list[float], rows: int, total: int) -> float:
     """Images/s between the first and the last shard (start-up excluded)."""
     times = sorted(times)
     return (total - rows) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
 
 
-def run_plain(cfg, folder: str, store: str, tag: str) -> dict:
+RUNS = {"plain": "plain", "ray1": "ray x1", "ray2": "ray x2"}  # --runs name -> table label
+
+
+def run_plain(cfg, folder: str, store: str, tag: str, device: str = "cpu") -> dict:
     from regft import store as st
     from regft.generate import check_request, chunk, generate_shard
     from regft.generators import make_generator
@@ -100,7 +130,8 @@ def run_plain(cfg, folder: str, store: str, tag: str) -> dict:
                        cfg.images_per_class, cfg.seed, cfg.prompt_strategy)
     path = os.path.join(store, tag)
     t0 = time.perf_counter()
-    gen = make_generator(folder, resolution=cfg.resolution, steps=cfg.steps, guidance=cfg.guidance)
+    gen = make_generator(folder, resolution=cfg.resolution, steps=cfg.steps, guidance=cfg.guidance,
+                         device=device, dtype=cfg.dtype, options=cfg.generator_options)
     gen.load()
     times = []
     for k, shard in enumerate(chunk(items, cfg.shard_size)):
@@ -173,8 +204,21 @@ def main(argv=None) -> int:
                    help="OMP_WAIT_POLICY for the plain loop and the actors alike. On a shared, "
                         "oversubscribed machine spinning OpenMP threads made 2-thread runs 4-10x "
                         "slower and erratic; PASSIVE keeps the comparison about execution")
+    p.add_argument("--pipeline", choices=("bench", "sd21-random"), default="bench",
+                   help="bench: the CPU-sized pipeline above; sd21-random: SD 2.1-base's real "
+                        "architecture with random weights")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the plain loop on cuda:0, the Ray actors on one GPU each")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), fp16, fp32, bf16")
+    p.add_argument("--runs", default="plain,ray1,ray2",
+                   help=f"comma-separated subset of {', '.join(RUNS)}; plain always runs (the baseline)")
+    p.add_argument("--json", help="also write the figures as JSON to this file")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args(argv)
+    runs_wanted = ["plain"] + [r for r in args.runs.split(",") if r in RUNS and r != "plain"]
+    unknown = [r for r in args.runs.split(",") if r not in RUNS]
+    if unknown:
+        p.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
     if args.omp_wait_policy:  # before torch starts OpenMP and before Ray starts its workers
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
 
@@ -185,26 +229,24 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="regft-genbench-"))
     try:
-        pipe, sizes = build_bench_pipeline(args.resolution)
-        folder = str(work / "bench-sd")
-        pipe.save_pretrained(folder)
-        del pipe
+        folder, options, sizes, output_size = pipeline_for(args, work)
         cfg = GenerationConfig(
             task="cars", max_classes=args.classes, generator=folder,
             images_per_class=args.per_class, resolution=args.resolution,
-            output_size=args.resolution, steps=args.steps, batch_size=args.batch_size,
-            shard_size=args.shard_size, progress=False, samples=False, use_gpu=False)
+            output_size=output_size, steps=args.steps, batch_size=args.batch_size,
+            shard_size=args.shard_size, progress=False, samples=False,
+            use_gpu=args.device == "cuda", dtype=args.dtype, generator_options=options)
         n = args.classes * args.per_class
         ncpu = os.cpu_count()
-        raylocal.init("local", num_cpus=ncpu, dashboard=False, quiet=True)
+        raylocal.init("local", num_cpus=ncpu, dashboard=False, quiet=True)  # GPUs: detected
         print(f"{n} images, {args.resolution} px, {args.steps} steps, batch {args.batch_size}, "
               f"shards of {args.shard_size}; {ncpu} CPUs, torch threads {torch.get_num_threads()}")
-        trials: dict[str, list[dict]] = {"plain": [], "ray x1": [], "ray x2": []}
+        trials: dict[str, list[dict]] = {RUNS[r]: [] for r in runs_wanted}
         for r in range(args.repeats):
             for name in trials:
                 tag = f"{name.replace(' ', '')}-{r}"
                 if name == "plain":
-                    res = run_plain(cfg, folder, str(work), tag)
+                    res = run_plain(cfg, folder, str(work), tag, args.device)
                 else:
                     res = run_ray(cfg, int(name[-1]), str(work), tag)
                 trials[name].append(res)
@@ -239,13 +281,14 @@ def main(argv=None) -> int:
         HEADING,
         "",
         f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d')}).",
-        f"Machine: {machine}, {ncpu} CPU cores, no GPU; "
+        f"Machine: {machine}, {ncpu} CPU cores, {gpu_name()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, diffusers "
         f"{diffusers.__version__}, ray {ray.__version__}.",
         f"Pipeline: StableDiffusionPipeline, random weights, {params:.1f} M parameters (UNet "
         f"{sizes['unet'] / 1e6:.1f} M, VAE {sizes['vae'] / 1e6:.1f} M, text encoder "
         f"{sizes['text_encoder'] / 1e6:.1f} M), {args.resolution} px, {args.steps} PNDM steps, "
-        f"guidance 5.0, fp32. OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}.",
+        f"guidance 5.0, dtype {args.dtype} on {args.device}. "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}.",
         f"Work: {n} images ({args.classes} classes x {args.per_class}), inference batch "
         f"{args.batch_size}, shards of {args.shard_size}, PNG into parquet on local disk.",
         f"Medians of {args.repeats} interleaved repetitions; the machine is shared (load average "
@@ -262,6 +305,13 @@ def main(argv=None) -> int:
         "",
     ])
     print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "pipeline": args.pipeline, "device": args.device, "gpu": gpu_name(), "dtype": args.dtype,
+            "resolution": args.resolution, "steps": args.steps, "batch_size": args.batch_size,
+            "images": n, "parameters": sizes, "runs": runs,
+            "images_per_s_range": {k: list(v) for k, v in spread.items()}, "pixels_vs_plain": same,
+        }, indent=1))
     if args.write_results:
         write_results(text)
         print(f"wrote {RESULTS}")

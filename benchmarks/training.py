@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/training.py                  # tiny CLIP, 32 px, 2 CPUs (~8 min)
     .venv/bin/python benchmarks/training.py --images 4096 --repeats 1  # quicker, noisier
+    # the real size on a GPU (benchmarks/gpu.sh): ViT-B/16, random weights, 224 px, bf16
+    python benchmarks/training.py --model ViT-B-16 --image-size 224 --device cuda \
+        --precision bf16 --batch-size 128 --runs plain,ray1 --json train.json
 
 Same model (tiny CLIP, zero-shot head), same data (a store-format dataset of PNGs written here),
 same epoch (regft.loop.train_epoch over regft.engine.train_step: CE + VC, AdamW, clipping; the
@@ -20,6 +23,7 @@ under "## Training" in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -56,6 +60,10 @@ def write_dataset(path: Path, n_images: int, size: int = 32, shard_size: int = 2
     return st.write_dataset(str(path), rows, "bench", NAMES, shard_size)
 
 
+RUNS = {"plain": "plain loop (1 process)", "ray1": "Ray Train, 1 worker",
+        "ray2": "Ray Train, 2 workers (0.5 CPU each)"}  # --runs name -> table label
+
+
 def plain_loop(cfg, dataset_path: str) -> list[float]:
     """The same epochs in one process: a torch DataLoader (1 decode worker) feeding
     regft.loop.train_epoch, the loop the Ray worker runs."""
@@ -66,10 +74,11 @@ def plain_loop(cfg, dataset_path: str) -> list[float]:
     from regft.store import TorchImageDataset
     from regft.train import resolve_train_task
 
-    torch.set_num_threads(1)
-    device = torch.device("cpu")
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    if not cfg.use_gpu:
+        torch.set_num_threads(1)  # the Ray worker's one CPU (see the docstring)
     bundle = create_clip(cfg.model, cfg.pretrained, seed=cfg.seed)
-    model = build_classifier(bundle, resolve_train_task(cfg))
+    model = build_classifier(bundle, resolve_train_task(cfg), device=device)
     tf = engine.split_clip_transform(bundle.preprocess_train)
     data = TorchImageDataset(dataset_path, "train", tf.to_uint8, cfg.val_fraction)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
@@ -80,7 +89,8 @@ def plain_loop(cfg, dataset_path: str) -> list[float]:
 
     def batches():
         for images, labels in loader:
-            yield engine.normalize_uint8(images, tf.mean, tf.std), labels
+            yield (engine.normalize_uint8(images.to(device, non_blocking=True), tf.mean, tf.std),
+                   labels.to(device, non_blocking=True))
 
     return [loop.train_epoch(model, batches(), opt, sched, vc_weight=cfg.vc_weight,
                              vc_cov_ratio=cfg.vc_cov_ratio, grad_clip=cfg.grad_clip,
@@ -117,36 +127,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--model", default="tiny", help="open_clip architecture (ViT-B-16: the paper's)")
+    p.add_argument("--pretrained", default=None, help="weights tag (default none: random weights)")
+    p.add_argument("--image-size", type=int, default=32, help="px of the dataset's PNGs")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16 (TrainConfig)")
+    p.add_argument("--runs", default="plain,ray1,ray2",
+                   help=f"comma-separated subset of {', '.join(RUNS)}")
+    p.add_argument("--json", help="also write the figures as JSON to this file")
     args = p.parse_args(argv)
+    unknown = [r for r in args.runs.split(",") if r not in RUNS]
+    if unknown:
+        p.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    wanted = ["plain", "ray1"] + [r for r in args.runs.split(",") if r == "ray2"]
 
     import ray
+    import torch
 
     from regft.train import TrainConfig
 
     # the dashboard (state API) must be up: without it Ray Train V2's placement-group cleaner can
     # take a live run for dead and remove its workers' placement group (seen with 2 workers)
-    raylocal.init("local", num_cpus=2, quiet=True)
+    gpu = args.device == "cuda"
+    # 2 CPUs: this machine's count, and what the docstring's comparison gives each side
+    raylocal.init("local", num_cpus=None if gpu else 2, quiet=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory(prefix="regft-bench-") as tmp:
         t0 = time.perf_counter()
         names_file = Path(tmp, "classes.txt")
         names_file.write_text("\n".join(NAMES) + "\n")
-        dataset = write_dataset(Path(tmp, "ds"), args.images)
-        print(f"dataset: {args.images} images (32 px PNG) in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)
+        dataset = write_dataset(Path(tmp, "ds"), args.images, args.image_size)
+        print(f"dataset: {args.images} images ({args.image_size} px PNG) in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
         def cfg(workers: int, cpus: float) -> TrainConfig:
-            return TrainConfig(task="bench", classnames=str(names_file), model="tiny", pretrained=None,
-                               epochs=args.epochs, batch_size=args.batch_size, lr=1e-4,
-                               warmup_steps=10, alpha_grid=[0.0, 1.0], num_workers=workers,
-                               cpus_per_worker=cpus)
+            return TrainConfig(task="bench", classnames=str(names_file), model=args.model,
+                               pretrained=args.pretrained, epochs=args.epochs,
+                               batch_size=args.batch_size, lr=1e-4, warmup_steps=10,
+                               alpha_grid=[0.0, 1.0], num_workers=workers, cpus_per_worker=cpus,
+                               use_gpu=gpu, precision=args.precision)
 
         loops = {
-            "plain loop (1 process)": lambda r: plain_loop(cfg(1, 1.0), dataset),
-            "Ray Train, 1 worker": lambda r: ray_loop(cfg(1, 1.0), dataset, f"{tmp}/runs", f"w1-{r}"),
-            "Ray Train, 2 workers (0.5 CPU each)":
-                lambda r: ray_loop(cfg(2, 0.5), dataset, f"{tmp}/runs", f"w2-{r}"),
+            RUNS["plain"]: lambda r: plain_loop(cfg(1, 1.0), dataset),
+            RUNS["ray1"]: lambda r: ray_loop(cfg(1, 1.0), dataset, f"{tmp}/runs", f"w1-{r}"),
+            RUNS["ray2"]: lambda r: ray_loop(cfg(2, 0.5), dataset, f"{tmp}/runs", f"w2-{r}"),
         }
+        loops = {RUNS[k]: loops[RUNS[k]] for k in wanted}
         results: dict[str, list[list[float]]] = {name: [] for name in loops}
         for r in range(args.repeats):  # interleaved, so load changes hit every loop alike
             for name, fn in loops.items():
@@ -156,15 +182,23 @@ def main(argv: list[str] | None = None) -> int:
 
     best = {name: max(steady(rates) for rates in runs) for name, runs in results.items()}
     base, one = best["plain loop (1 process)"], best["Ray Train, 1 worker"]
-    print(f"{args.images} images x {args.epochs} epochs, global batch {args.batch_size}, tiny CLIP "
-          f"(32 px), {os.cpu_count()} CPUs, {args.repeats} interleaved repeats; steady = median of "
-          f"epochs 2..{args.epochs}; best = highest steady over repeats\n")
+    where = torch.cuda.get_device_name(0) if gpu else f"{os.cpu_count()} CPUs"
+    print(f"{args.images} images x {args.epochs} epochs, global batch {args.batch_size}, "
+          f"{args.model} CLIP ({args.pretrained or 'random'} weights, {args.image_size} px, "
+          f"precision {args.precision}), {where}, {args.repeats} interleaved repeats; steady = "
+          f"median of epochs 2..{args.epochs}; best = highest steady over repeats\n")
     print("| loop | images/s per epoch, each repeat | best steady images/s | vs plain | vs Ray 1 worker |")
     print("| --- | --- | --- | --- | --- |")
     for name, runs in results.items():
         per = "; ".join(", ".join(f"{r:.0f}" for r in rates) for rates in runs)
         print(f"| {name} | {per} | {best[name]:.0f} | {best[name] / base:.2f}x | "
               f"{best[name] / one:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "pretrained": args.pretrained, "image_size": args.image_size,
+            "device": where, "precision": args.precision, "batch_size": args.batch_size,
+            "images": args.images, "epochs": args.epochs, "per_epoch_images_per_s": results,
+            "best_steady_images_per_s": best}, indent=1))
     return 0
 
 
