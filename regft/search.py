@@ -241,6 +241,9 @@ def plan_search(s: SearchSettings, flag_problems: list[str] = ()) -> SearchPlan:
     """Step 1: flags, task, search space, tracking store, storage, weights, real splits and the
     generation request, all checked before any expensive work; UserError with every problem."""
     problems = list(flag_problems)
+    # a submitted job's working dir is Ray's temporary copy: outputs go elsewhere (issue 19.14)
+    storage, tracking, job_problems = raylocal.job_outputs(s.storage, s.tracking_uri)
+    s, problems = dataclasses.replace(s, storage=storage, tracking_uri=tracking), problems + job_problems
     task = space = None
     try:
         task = resolve_task(s.task, s.classnames, s.max_classes)
@@ -356,7 +359,7 @@ def layout_search(plan: SearchPlan) -> SearchLayout:
         # temporary copy: the study and the export stay in the driver's home (the head node),
         # where --resume finds them
         study_dir = Path.home() / ".regft" / "optuna"
-        export_dir = str(Path.cwd() / ".regft" / "exports" / name)
+        export_dir = str(raylocal.outputs_dir() / "exports" / name)
     else:
         study_dir = Path(root) / "optuna"
         export_dir = store.join(root, "exports", name)
