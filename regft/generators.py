@@ -206,6 +206,10 @@ class DiffusersGenerator:
 
     def _finish(self, pipe):
         pipe.set_progress_bar_config(disable=True)
+        # decode one image at a time: SD 2.1-base's VAE decoding a batch of 8 at 512 px in fp32
+        # holds ~1 GB per activation and took the CPU actor past 10 GB (killed by Ray's OOM
+        # monitor); per image it needs an eighth of that, and a decode is per-sample anyway
+        pipe.vae.enable_slicing()
         return pipe.to(self.device)
 
     def generate(self, prompts: list[str], seeds: list[int], labels: list[int],
