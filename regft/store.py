@@ -116,6 +116,10 @@ import os, sys, uuid
 import pyarrow.fs as pafs
 try:
     fs, p = pafs.FileSystem.from_uri(sys.stdin.read())
+    if isinstance(fs, pafs.S3FileSystem):  # the same options, answers within seconds or an error
+        options = dict(fs.__reduce__()[1][0], connect_timeout=3.0, request_timeout=5.0,
+                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2))
+        fs = pafs.S3FileSystem(**options)
     fs.create_dir(p, recursive=True)
     probe = p.rstrip("/") + "/.regft-write-test-" + uuid.uuid4().hex
     with fs.open_output_stream(probe) as f:
@@ -133,13 +137,14 @@ _AWS_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOK
 
 
 def check_writable(store: str, flag: str = "store (--store / REGFT_STORE)",
-                   timeout: float = STORAGE_CHECK_S) -> str | None:
+                   timeout: float | None = None) -> str | None:
     """None if `store` can be created and written, else a one-line problem naming `flag` and the
     fix. Leaves nothing behind: the folders it had to create are removed again (local paths).
     A remote store (s3://, gs://, ...) is probed in a child process with a deadline of `timeout`
-    seconds, so an endpoint that does not answer fails in seconds instead of hanging."""
+    seconds (default STORAGE_CHECK_S), so an endpoint that does not answer fails in seconds
+    instead of hanging."""
     if is_uri(store) and not str(store).startswith("file://"):
-        return _check_remote_writable(str(store), flag, timeout)
+        return _check_remote_writable(str(store), flag, STORAGE_CHECK_S if timeout is None else timeout)
     try:
         fs, p = filesystem(store)
         # a check must not leave folders behind (e.g. when another problem stops the run):
