@@ -15,9 +15,9 @@ from typing import Any
 from regft.errors import RegftError, UserError  # noqa: F401  (UserError: re-exported, the long-standing import path)
 
 EXIT_USAGE = 2
-_SECRET_KEY = re.compile(
-    r"(secret|password|passwd|pwd|token|api[_-]?key|access[_-]?key|credential|authorization|auth[_-]?token|^auth$|signature|"
-    r"private[_-]?key|session[_-]?key|^sig$|^key$)", re.I)
+_SECRET_KEY = re.compile(  # not a bare "key" (messages name keys) nor "tokens" (counts)
+    r"(secret|password|passwd|pwd|token(?!s\b|iz)|api[_-]?key|access[_-]?key|credential|"
+    r"authorization|auth[_-]?token|^auth$|signature|private[_-]?key|session[_-]?key|^sig$)", re.I)
 _SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|(?:sk|hf|ghp|gho|github_pat|xox[bap])[-_][A-Za-z0-9_-]{16,})")
 MASK = "***"
 # A URI inside free text: scheme://, then anything up to white space or a quote (a password may
@@ -30,7 +30,8 @@ _PLAIN_QUERY_KEYS = frozenset({
     "charset", "driver", "application_name", "versionid", "prefix"})
 # KEY=VALUE / KEY: VALUE / "KEY": "VALUE" in free text, KEY secret-looking (env dumps, JSON, DSNs)
 _ASSIGNMENT = re.compile(
-    r"""(?P<key>["']?[A-Za-z_][\w.-]*["']?)(?P<sep>\s*[=:]\s*)(?P<q>["'])?(?P<value>(?(q)[^"']*|[^\s,;&}\]'"]+))""")
+    r"""(?P<key>["']?[A-Za-z_][\w.-]*["']?)(?P<sep>\s*[=:]\s*)(?P<q>["'])?"""
+    r"""(?P<value>(?(q)[^"']*|[^\s,;&}\]'"]+))""")
 # an HTTP Authorization header: its scheme word (Basic, Bearer) is followed by the credential
 _AUTH_HEADER = re.compile(
     r"""(?i)(authorization["']?\s*[:=]\s*["']?)(?:(?:basic|bearer|token|digest)\s+)?[^\s"',;]+""")

@@ -69,6 +69,7 @@ REDACT_SHAPES = [
      "AWS_REGION=us-east-1"),
     ("json-like", '{"password": "json-secret-7", "user": "bob"}', "json-secret-7", '"user": "bob"'),
     ("python-dict-repr", "{'api_key': 'dict-secret-8', 'lr': 0.1}", "dict-secret-8", "'lr': 0.1"),
+    ("plain-words-stay", "unknown key: 'colour'; tokens: 77", "\x00", "unknown key: 'colour'; tokens: 77"),
     ("yaml-like", "token: yaml-secret-9\nlr: 0.1", "yaml-secret-9", "lr: 0.1"),
     ("authorization-header", "Authorization: Basic dXNlcjpwYXNzd29yZA== sent", "dXNlcjpwYXNz", "sent"),
     ("bearer-in-json", '{"Authorization": "Bearer eyJhbGciOi.x.y"}', "eyJhbGciOi", "Authorization"),
@@ -357,7 +358,8 @@ def test_tune_refuses_unusable_storage_in_seconds(storage, expected, tmp_path, m
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             monkeypatch.delenv(name)
     storage = storage.format(
-        closed_s3=s3_uri(f"http://127.0.0.1:{closed_port()}"), silent_s3=s3_uri(f"http://127.0.0.1:{silent_port}"),
+        closed_s3=s3_uri(f"http://127.0.0.1:{closed_port()}"),
+        silent_s3=s3_uri(f"http://127.0.0.1:{silent_port}"),
         nocreds=s3_uri(s3_endpoint), missing_bucket=s3_uri(s3_endpoint, "no-such-bucket"),
         slash_secret=s3_uri(s3_endpoint, userinfo=f"{S3_KEY}:{SECRET}@"))
     rc = tune([*SMOKE, "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
