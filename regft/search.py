@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from regft import console, raylocal, store
-from regft.cli import redact
+from regft.cli import redact, shorten
 from regft.config import from_dict
 from regft.console_ray import TrialLines, ray_logs_dir
 from regft.errors import UserError
@@ -67,6 +68,7 @@ from regft.resources import (
 )
 from regft.search_space import SearchSpace, default_search_space_path, load_search_space
 from regft.searcher import fail_running_trials, make_searcher
+from regft.shapes import parse_classname
 from regft.tasks import SHAPES_REAL, Task, resolve_task
 from regft.tracking import MLflowTrialCallback
 from regft.train import TrainConfig, build_trainer
@@ -282,15 +284,65 @@ def _real_split_problems(train: TrainConfig, task: Task | None) -> list[str]:
 
 
 def _generation_problems(generation: GenerationConfig) -> list[str]:
-    """The request's own fields, then the generator's weights (offline: fails fast, before Ray)."""
+    """The request's own fields, then the generator's weights (offline: fails fast, before Ray),
+    then what would fail only once generation runs: class names the shapes generator cannot
+    draw, an item list that cannot fit in this machine's memory."""
     problems = [f"generation: {p}" for p in generation.validate()]
     if problems:
         return problems
     try:
-        check_request(generation)
+        task, _ = check_request(generation)
     except UserError as e:  # the task and the storage were checked by plan_search itself
         return [p for p in e.problems if p.startswith("generator")]
-    return []
+    return _shapes_class_problems(generation, task) + _item_list_problems(generation, task)
+
+
+SHAPES_LISTED = 3  # class names the shapes generator cannot draw, quoted
+# the driver's item list: ~260 B per item measured (ids, prompts, seeds), held with its sorted
+# copy and each shard's JSON at once: 1 KiB per item
+ITEM_BYTES = 1024
+
+
+def _shapes_class_problems(generation: GenerationConfig, task: Task | None) -> list[str]:
+    if generation.generator != "shapes" or task is None:
+        return []
+    bad = []
+    for name in task.gen_names:
+        try:
+            parse_classname(name)
+        except UserError:
+            bad.append(name)
+    if not bad:
+        return []
+    shown = ", ".join(shorten(b, 40) for b in bad[:SHAPES_LISTED])
+    return [f"--generator shapes: it draws the testbed's '<colour> <shape>' classes only (e.g. "
+            f"'red circle'); {len(bad)} of task {task.name!r}'s class names are not: {shown}"
+            f"{' ...' if len(bad) > SHAPES_LISTED else ''}; use another --generator"]
+
+
+def available_memory() -> int:
+    """Bytes of memory free for a new allocation: Linux's MemAvailable, else all physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _item_list_problems(generation: GenerationConfig, task: Task | None) -> list[str]:
+    if task is None:
+        return []
+    items = task.num_classes * generation.images_per_class
+    need, have = items * ITEM_BYTES, available_memory()
+    if need <= have:
+        return []
+    return [f"--images-per-class {generation.images_per_class}: {task.num_classes} classes x "
+            f"{generation.images_per_class} = {items:,} images; their item list alone needs about "
+            f"{need / 2**30:,.1f} GiB of memory, this machine has {have / 2**30:,.1f} GiB free; "
+            "lower --images-per-class"]
 
 
 # ----------------------------------------------------------------- 2. the cluster --
@@ -354,6 +406,10 @@ def layout_search(plan: SearchPlan) -> SearchLayout:
     if exists and not s.resume:
         raise UserError(f"search {name!r} already exists at {experiment_path}: pass --resume to "
                         "continue it, or a new --name")
+    if s.resume:  # before the parent run, the dataset or any folder: nothing new yet
+        problems = state_problems(experiment_path) + foreign_search_problems(plan, name, experiment_path)
+        if problems:
+            raise UserError(problems)
     if store.is_uri(root):
         # Optuna needs a database file, and on a cluster the job's working directory is a
         # temporary copy: the study and the export stay in the driver's home (the head node),
@@ -369,19 +425,119 @@ def layout_search(plan: SearchPlan) -> SearchLayout:
 
 
 def resolve_search_name(s: SearchSettings, searches_root: str, task_name: str) -> str:
-    """--name, else on --resume the latest search of this task, else a new timestamped name."""
+    """--name, else on --resume the latest search of this task (by when its state was last
+    written, not by name: names hold the preset before the time), else a new timestamped name."""
     if s.name:
         return s.name
     if s.resume:
         fs, root = pafs.FileSystem.from_uri(searches_root)
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-        mine = sorted(i.base_name for i in infos
-                      if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{task_name}-"))
+        mine = [(_last_written(fs, i.path), i.base_name) for i in infos
+                if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{task_name}-")
+                and tune.Tuner.can_restore(store.join(searches_root, i.base_name))]
         if not mine:
             raise UserError(f"--resume: no search of task {task_name!r} under {searches_root}; "
                             "start one without --resume")
-        return mine[-1]  # names end in a sortable timestamp
+        return max(mine)[1]
     return f"{task_name}-{s.preset or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _last_written(fs: pafs.FileSystem, folder: str) -> float:
+    """When a search's state was last written: its newest file directly in its folder."""
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    times = [i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File and i.mtime]
+    return max(times, default=0.0)
+
+
+SEARCH_FILE = "regft_search.json"  # next to Tune's state: the task a search was started for
+# Tune's state files that a restore reads, the newest of each pattern (regft's own is checked by
+# foreign_search_problems)
+TUNE_STATE = {"tuner.pkl": "pickle", "experiment_state-*.json": "json",
+              "search_gen_state-*.json": "pickle",  # a pickle despite its name
+              "searcher-state-*.pkl": "pickle"}
+
+
+def state_problems(experiment_path: str) -> list[str]:
+    """Tune's saved state that would fail Tuner.restore: the newest file of each kind must parse
+    (JSON) or unpickle (Tune's own pickles, which a restore unpickles anyway)."""
+    import fnmatch
+    import pickle
+
+    fs, root = pafs.FileSystem.from_uri(experiment_path)
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if i.type == pafs.FileType.File]
+    problems = []
+    for pattern, kind in TUNE_STATE.items():
+        matches = sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+        if not matches:
+            continue
+        try:
+            with fs.open_input_stream(f"{root}/{matches[-1]}") as f:
+                data = f.read()
+            if kind == "json":
+                if not isinstance(json.loads(data), dict):
+                    raise ValueError("not a JSON object")
+            else:
+                pickle.loads(data)  # noqa: S301 (Tune's own state; Tuner.restore unpickles it)
+        except Exception as e:  # any parse error means the same: this state cannot be restored
+            problems.append(f"--resume: the search state at {experiment_path} is corrupt: "
+                            f"{matches[-1]} ({type(e).__name__}: {shorten(str(e), 80)}); restore "
+                            "that file from a backup, or start a new search (a new --name)")
+    return problems
+
+
+def foreign_search_problems(plan: SearchPlan, name: str, experiment_path: str) -> list[str]:
+    """A search started for another task (or other classes) is not resumed as this one: it would
+    finish that task's trials and register its model under this task's name."""
+    recorded = read_search_file(experiment_path) or _task_from_mlflow(plan, name)
+    if recorded is None:
+        return []  # a search from before SEARCH_FILE, unknown to this store: nothing to compare
+    task, names = recorded.get("task"), recorded.get("classnames")
+    if task != plan.task.name:
+        return [f"--resume --name {name}: that search was started for task {shorten(task)}, not "
+                f"{plan.task.name!r}; resume it with that task (python -m regft.tune {task} "
+                "--resume --name ...) or choose another --name"]
+    if names is not None and list(names) != list(plan.task.classnames):
+        return [f"--resume --name {name}: that search was started with {len(names)} classes of "
+                f"task {task!r}, this one has {plan.task.num_classes}; give the same --classnames "
+                "/ --max-classes as when it started"]
+    return []
+
+
+def read_search_file(experiment_path: str) -> dict | None:
+    fs, root = pafs.FileSystem.from_uri(experiment_path)
+    path = f"{root}/{SEARCH_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        with fs.open_input_stream(path) as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: {experiment_path}/{SEARCH_FILE} is corrupt ({shorten(str(e), 80)})") from e
+    return data if isinstance(data, dict) else None
+
+
+def write_search_file(plan: SearchPlan, layout: SearchLayout) -> None:
+    fs, root = pafs.FileSystem.from_uri(layout.experiment_path)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{SEARCH_FILE}") as f:
+        f.write(json.dumps({"task": plan.task.name,
+                            "classnames": list(plan.task.classnames)}).encode())
+
+
+def _task_from_mlflow(plan: SearchPlan, name: str) -> dict | None:
+    """The task tag of the search's parent run, in any experiment of the tracking store (a search
+    started before SEARCH_FILE existed); None if the store has none (a sqlite store that does not
+    exist is not created)."""
+    uri = plan.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, filter_string=f"tags.`{SEARCH_TAG}` = '{name}' and "
+                              "tags.`regft.role` = 'search'", max_results=1) if ids else []
+    task = runs[0].data.tags.get("regft.task") if runs else None
+    return {"task": task} if task else None
 
 
 # -------------------------------------------------------------- 4. the parent run --
@@ -599,6 +755,19 @@ def best_finished(trials: list[TrialOutcome]) -> TrialOutcome | None:
     return max(done, key=lambda t: t.report.select_metric) if done else None
 
 
+def end_parent_run(parent: ParentRun, error: BaseException) -> None:
+    """Mark the parent run of a search that stopped with `error`: KILLED for Ctrl-C, else FAILED
+    (`--resume` sets it RUNNING again). Best effort: the error itself is what the user sees."""
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    try:
+        parent.client.set_tag(parent.run_id, "regft.outcome",
+                              f"{type(error).__name__}: {shorten(str(error), 200)}")
+        parent.client.set_terminated(parent.run_id, status=status)
+    except Exception as e:  # the store itself failing must not hide the search's error
+        print(f"warning: could not mark MLflow run {parent.run_id} {status}: {type(e).__name__}",
+              file=sys.stderr)
+
+
 def fail_search(layout: SearchLayout, parent: ParentRun) -> int:
     parent.client.set_tag(parent.run_id, "regft.outcome", "no trial finished")
     parent.client.set_terminated(parent.run_id, status="FAILED")
@@ -743,10 +912,15 @@ def run_search(s: SearchSettings, flag_problems: list[str] = ()) -> int:
         print(note)
     layout = layout_search(plan)                                        # 3
     parent = open_parent_run(plan, layout)                              # 4
-    dataset_path = prepare_dataset(plan, parent)                        # 5
-    tuner = build_tuner(plan, layout, parent, dataset_path, cap)       # 6
-    console.log_to(search_log(layout))  # only now: Tune creates the folder as fit() starts
-    results = tuner.fit()
+    try:
+        write_search_file(plan, layout)
+        dataset_path = prepare_dataset(plan, parent)                    # 5
+        tuner = build_tuner(plan, layout, parent, dataset_path, cap)   # 6
+        console.log_to(search_log(layout))  # only now: Tune creates the folder as fit() starts
+        results = tuner.fit()
+    except BaseException as e:  # the parent run is never left RUNNING by a failed search
+        end_parent_run(parent, e)
+        raise
     outcome = collect_results(results, plan, layout, parent)            # 7
     if outcome.best is None:
         return fail_search(layout, parent)

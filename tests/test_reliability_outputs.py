@@ -299,3 +299,102 @@ def test_real_split_preflight_decodes_every_image(tmp_path, case):
     real_test, named = _real_split(tmp_path, case)
     problems = real_split_problems(Task(name="colours", classnames=NAMES), real_test, "test")
     assert len(problems) == 1 and named in problems[0] and len(problems[0]) < MESSAGE_CHARS, problems
+
+
+# ------------------------------------------------ a search: resume and late failures ----
+
+SMOKE = ["shapes", "--preset", "smoke"]
+
+
+def _fake_search(searches: Path, name: str, *, task: str | None = "shapes",
+                 corrupt: str | None = None, age_s: float = 0.0) -> Path:
+    """A search's saved state as Tune and regft leave it (the files a restore reads), optionally
+    with one file replaced by garbage; its files' times set `age_s` seconds back."""
+    import os
+    import pickle
+    import time
+
+    folder = searches / name
+    folder.mkdir(parents=True)
+    files = {"tuner.pkl": pickle.dumps({"state": 1}),
+             "experiment_state-2026-01-01_00-00-00.json": b'{"trial_data": []}',
+             "searcher-state-2026-01-01_00-00-00.pkl": pickle.dumps({"searcher": 1})}
+    if task is not None:
+        files["regft_search.json"] = json.dumps({"task": task, "classnames": None}).encode()
+    if corrupt is not None:
+        files[corrupt] = b"\x00garbage{"
+    for fname, data in files.items():
+        (folder / fname).write_bytes(data)
+        t = time.time() - age_s
+        os.utime(folder / fname, (t, t))
+    return folder
+
+
+def tune_refused(argv: list[str], tmp: Path, cwd: Path, capsys, *named: str) -> str:
+    """regft.tune refuses `argv` (storage and tracking store under `tmp`): exit 2 naming `named`,
+    and no MLflow store, dataset or Optuna study was created, nor anything in the cwd."""
+    from regft.tune import main
+
+    argv = [*argv, "--storage", str(tmp / "store"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+    err = refused(main, argv, cwd, capsys, *named)
+    assert not (tmp / "mlflow.db").exists()
+    for sub in ("datasets", "optuna", "exports"):
+        assert not (tmp / "store" / sub).exists(), sub
+    return err
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("corrupt", ["tuner.pkl", "experiment_state-2026-01-01_00-00-00.json",
+                                     "searcher-state-2026-01-01_00-00-00.pkl", "regft_search.json"])
+def test_corrupt_search_state_is_reported_before_anything_is_created(tmp_path, cwd, capsys,
+                                                                      ray_local, corrupt):
+    _fake_search(tmp_path / "store" / "searches", "s1", corrupt=corrupt)
+    tune_refused([*SMOKE, "--resume", "--name", "s1"], tmp_path, cwd, capsys, "--resume", corrupt)
+
+
+@pytest.mark.timeout(180)
+def test_resume_of_another_tasks_search_is_refused(tmp_path, cwd, capsys, ray_local):
+    """Today it resumes the other task's search and registers its model under this task's name."""
+    _fake_search(tmp_path / "store" / "searches", "theirs", task="cars")
+    tune_refused([*SMOKE, "--resume", "--name", "theirs"], tmp_path, cwd, capsys,
+                 "--resume --name theirs", "'cars'", "'shapes'")
+
+
+@pytest.mark.timeout(180)
+def test_resume_without_name_takes_the_latest_search_by_time(tmp_path, cwd, capsys, ray_local):
+    """'shapes-custom-...' sorts before 'shapes-smoke-...' but was written last: it is the one
+    resumed (its state is made corrupt here, so the refusal names the search that was picked)."""
+    searches = tmp_path / "store" / "searches"
+    _fake_search(searches, "shapes-smoke-20990101-000000", age_s=3600)
+    _fake_search(searches, "shapes-custom-20000101-000000",
+                 corrupt="experiment_state-2026-01-01_00-00-00.json")
+    tune_refused([*SMOKE, "--resume"], tmp_path, cwd, capsys, "shapes-custom-20000101-000000")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", ["shapes_foreign_classes", "item_list_too_big", "real_test_corrupt",
+                                  "bad_flag", "bad_flag_deep_storage"])
+def test_search_inputs_that_failed_late_fail_first(tmp_path, cwd, capsys, ray_local, case):
+    """Refused before Ray, the MLflow store, the dataset or any folder (today: the shapes
+    generator fails its first Ray Data block; a huge --images-per-class is accepted and the item
+    list exhausts memory; one bad --real-test image fails every trial's report-only evaluation
+    after all trained)."""
+    from regft.tune import main
+
+    if case == "shapes_foreign_classes":
+        names = tmp_path / "pets.txt"
+        names.write_text("dog\ncat\n")
+        tune_refused(["pets2", "--classnames", str(names), "--preset", "smoke", "--generator",
+                      "shapes"], tmp_path, cwd, capsys, "--generator shapes", "'dog'")
+    elif case == "item_list_too_big":
+        tune_refused([*SMOKE, "--images-per-class", str(10 ** 12)], tmp_path, cwd, capsys,
+                     "--images-per-class", "GiB")
+    elif case == "real_test_corrupt":
+        real = tmp_path / "real"
+        _image(real / "red_circle" / "ok.png", 0)
+        (real / "red_circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+        tune_refused([*SMOKE, "--real-test", str(real)], tmp_path, cwd, capsys, "--real-test",
+                     "broken.png")
+    else:  # nothing created by a failed validation, also for a storage folder not there yet
+        storage = ["--storage", "deep/er/store"] if case == "bad_flag_deep_storage" else []
+        refused(main, [*SMOKE, "--epochs", "0", *storage], cwd, capsys, "--epochs")
