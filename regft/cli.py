@@ -3,6 +3,7 @@ anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import re
@@ -178,6 +179,25 @@ def _uri_secrets(uri: str) -> list[str]:
         if eq and val and name.lower() not in _PLAIN_QUERY_KEYS:
             out.append(val)
     return out
+
+
+def redact_printed(text: str) -> str:
+    """Redaction for everything a command prints (cheap, so every line can take it): the
+    command's own secrets and the credentials of URIs. Ordinary text passes unchanged."""
+    if "://" in text or any(secret in text for secret in _SECRETS):
+        for secret in sorted(_SECRETS, key=len, reverse=True):
+            text = text.replace(secret, MASK)
+        text = _URI.sub(lambda m: redact_uri(m.group(0)), text)
+    return text
+
+
+class RedactingTextIO(io.TextIOWrapper):
+    """A text stream that writes `redact_printed(text)`: a print of a store path holding
+    s3://KEY:SECRET@bucket never shows the secret (regft.console makes Python's streams these)."""
+
+    def write(self, text: str) -> int:
+        super().write(redact_printed(text))
+        return len(text)
 
 
 # What a user can cause: regft's own errors (regft.errors) and a path they named that is missing

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regft.cli import RedactingTextIO
+
 # A partial line (no newline yet) is shown after this long without more output: a prompt, or a
 # line a program writes in pieces, must not wait for a newline that may never come.
 PARTIAL_LINE_WAIT_S = 0.3
@@ -428,8 +430,9 @@ class Console:
     @staticmethod
     def _text_stream(fd: int, old) -> io.TextIOWrapper:
         encoding = getattr(old, "encoding", None) or "utf-8"
-        return open(fd, "w", encoding=encoding, errors="backslashreplace", buffering=1,
-                    closefd=False)
+        # what Python prints is redacted (a store URI's secret); line-buffered as open(..., 1)
+        return RedactingTextIO(open(fd, "wb", closefd=False), encoding=encoding,
+                               errors="backslashreplace", line_buffering=True)
 
     def _flush_python(self) -> None:
         for stream in (sys.stdout, sys.stderr):

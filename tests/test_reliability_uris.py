@@ -476,3 +476,23 @@ def test_predict_reaches_a_real_mlflow_server_through_user_password(mlflow_serve
     assert "unreachable" not in captured.err and "no-such-model" in captured.err, captured.err
     _stderr_checks(captured.err, captured.out, "models:/no-such-model/1", "http://me:***@127.0.0.1")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+PLAIN_LINE = "epoch 1/3  loss 0.41  lr=0.001  token: counts stay"  # ordinary output, unchanged
+
+
+def test_what_a_command_prints_is_redacted_on_the_terminal_and_in_the_log(tmp_path, capfd):
+    """Summaries print store paths ("dataset: s3://KEY:SECRET@bucket/..."): Python's streams in
+    a console session redact them, on the terminal and in the full log alike."""
+    from regft import console
+
+    remember_secrets(["--note", "printed-token=tok-printed-77"])
+    log = tmp_path / "run.log"
+    with console.session(log, announce=False):
+        print(f"dataset: s3://{S3_KEY}:{SECRET}@{BUCKET}/datasets/cars-1a2b")
+        print("a library said: tok-printed-77")
+        print(PLAIN_LINE)
+    out = capfd.readouterr().out
+    for text in (out, log.read_text()):
+        assert SECRET not in text and "tok-printed-77" not in text, text
+        assert f"@{BUCKET}/datasets/cars-1a2b" in text and PLAIN_LINE in text
