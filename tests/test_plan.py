@@ -5,13 +5,18 @@ built on the meta device, so the test costs no memory and about a second after t
 """
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from regft import realsize
 from regft.generators import make_generator
 from regft.search import RANDOM_WEIGHTS_NOTE, generation_config, plan_search, settings_from, trial_config
+from regft.tasks import resolve_task
 from regft.tune import FLAGS, flag_problems, parse_flags
 
+PAPER_PLAN_LIMIT_S = 15 * 60  # issue 18's "Done means" on this 2-core machine
 # stabilityai/stable-diffusion-2-1-base and open_clip ViT-B-16 as published
 REAL_COUNTS = {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840,
                "clip_visual": 86_192_640, "clip_total": 149_620_737}
@@ -65,3 +70,113 @@ def test_weights_flag_choices_are_realsize_choices(tmp_path):
     flag = next(f for f in FLAGS if f.name == "--weights")
     assert flag.choices == realsize.WEIGHTS_CHOICES
     assert flag_problems(_settings(tmp_path, "--weights", "random")) == []
+
+
+# ------------------------------------------------------------------------ regft.plan --
+
+PAPER = ["cars", "--preset", "paper"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["carz"], "unknown task 'carz'"),
+    ([*PAPER, "--gpus", "-1"], "--gpus: must be >= 0"),
+    ([*PAPER, "--gpus", "0"], "--gpus 0"),
+    ([*PAPER, "--gpus-per-trial", "4", "--gpus", "2"], "--gpus 2"),
+    ([*PAPER, "--gpu-memory-gb", "0"], "--gpu-memory-gb"),
+    ([*PAPER, "--gpu-memory-gb", "1e9"], "--gpu-memory-gb"),
+    (["cars", "--preset", "smoke", "--gpu-memory-gb", "80"], "--gpu-memory-gb"),
+    ([*PAPER, "--resume"], "--resume"),
+    ([*PAPER, "--real-test", "/nonexistent"], "--real-test"),
+    ([*PAPER, "--address", "ray://x:1"], "--address"),
+    ([*PAPER, "--epochs", "0"], "--epochs"),
+    ([*PAPER, "--weights", "pretrained"], "--weights pretrained"),  # offline: no real weights
+])
+def test_plan_bad_input_exits_2_naming_the_flag_before_any_model(argv, flag, capsys):
+    from regft.plan import main
+
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, (argv, out, err)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and flag in lines[0], (argv, err)
+    assert "WEIGHTS" not in out and "stage" not in out, out  # nothing measured, nothing built
+
+
+def test_plan_auto_weights_fall_back_to_random_loudly_offline():
+    from regft.plan import parse_request, resolve_weights
+
+    req, label, why = resolve_weights(parse_request(PAPER))
+    assert label == "random" and "found no real weights" in why
+    assert "ViT-B-16/openai" in why and realsize.SD21_BASE in why
+    assert req.trial.pretrained is None and req.generation.generator_options["weights"] == "random"
+    _, label, why = resolve_weights(parse_request([*PAPER, "--weights", "random"]))
+    assert label == "random" and why == "--weights random"
+
+
+JSON_KEYS = {"weights", "device", "parameters", "stages", "storage_bytes", "projected_search_hours",
+             "projected_generation_device_hours", "warnings"}
+STAGE_KEYS = {"name", "unit", "seconds_per_unit", "units", "projected_seconds", "peak_memory_bytes"}
+
+
+def check_plan_json(plan: dict) -> dict:
+    """The issue's schema, exactly; returns the stages by name."""
+    assert set(plan) == JSON_KEYS, set(plan) ^ JSON_KEYS
+    assert plan["weights"] in ("random", "pretrained") and isinstance(plan["device"], str)
+    assert set(plan["parameters"]) == set(REAL_COUNTS)
+    assert all(isinstance(v, int) for v in plan["parameters"].values())
+    stages = {s["name"]: s for s in plan["stages"]}
+    for s in plan["stages"]:
+        assert set(s) == STAGE_KEYS, s
+        assert s["seconds_per_unit"] > 0 and s["units"] >= 0 and s["peak_memory_bytes"] > 0, s
+        assert s["projected_seconds"] == pytest.approx(s["seconds_per_unit"] * s["units"])
+    assert {"generation", "head", "training", "evaluation", "checkpoint"} <= set(stages)
+    assert all(isinstance(v, int) and v >= 0 for v in plan["storage_bytes"].values())
+    assert plan["projected_search_hours"] > 0 and plan["projected_generation_device_hours"] > 0
+    assert isinstance(plan["warnings"], list)
+    return stages
+
+
+@pytest.mark.timeout(900)
+def test_tiny_plan_end_to_end_writes_the_schema(tmp_path, capsys, regft_cache):
+    from regft.plan import main
+
+    out_json = tmp_path / "plan.json"
+    rc = main(["cars", "--preset", "smoke", "--max-classes", "2", "--images-per-class", "3",
+               "--num-samples", "3", "--epochs", "2", "--batch-size", "2",
+               "--storage", str(tmp_path / "s"), "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    plan = json.loads(out_json.read_text())
+    stages = check_plan_json(plan)
+    assert plan["weights"] == "random" and "RANDOM" in out  # tiny models: random by construction
+    # the job's counts: 2 classes x 3 images; the heads and models of 3 trials
+    assert stages["generation"]["units"] == 6
+    assert stages["head"]["units"] == 3 * sum(len(t) for t in resolve_task("cars", None, 2).zeroshot_texts())
+    assert stages["checkpoint"]["units"] == 3 * (2 + 1)  # every epoch, then the final one
+    if stages["evaluation"]["units"] == 0:  # 6 images may leave synthetic_val empty: said
+        assert any("synthetic_val" in w for w in plan["warnings"]), plan["warnings"]
+    assert plan["parameters"]["unet"] > 0 and plan["parameters"]["clip_visual"] > 0
+    for name in stages:
+        assert name in out  # the table shows every stage
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_paper_plan_on_this_machine(tmp_path, capsys):
+    """Done means: `regft.plan cars --preset paper --json plan.json`, offline, exits 0 within 15
+    minutes with random weights said, and the real parameter counts."""
+    import time
+
+    from regft.plan import main
+
+    t0 = time.monotonic()
+    rc = main([*PAPER, "--storage", str(tmp_path / "s"), "--json", str(tmp_path / "plan.json")])
+    seconds = time.monotonic() - t0
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    check_plan_json(plan)
+    assert plan["weights"] == "random" and "WEIGHTS: RANDOM" in out
+    assert plan["parameters"] == REAL_COUNTS
+    print(out, f"\nplan took {seconds:.0f} s, load average {os.getloadavg()}")
+    assert seconds <= PAPER_PLAN_LIMIT_S, seconds
