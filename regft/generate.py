@@ -692,6 +692,7 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    check_request(cfg)  # the fields, the class names, the store, the generator: before Ray starts
     with console.session(verbose=args.verbose):  # a full log; the terminal: the bar, the result
         return _generate_and_print(cfg, args.verbose)
 

@@ -928,6 +928,7 @@ def _main(argv: list[str] | None) -> int:
         if unsafe_name_problem(args.name, "--name"):
             raise UserError(unsafe_name_problem(args.name, "--name"))
     cfg = config_from_args(args)
+    resolve_train_task(cfg)  # the class names (a --classnames file is read): before Ray starts
     storage_problem = st.check_writable(args.storage, flag="--storage")  # seconds, never a hang
     if storage_problem:
         raise UserError(storage_problem)

@@ -28,12 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from regft import console
-from regft.cli import entry_point
+from regft.cli import entry_point, shorten
+from regft.config import finite_float, seed_problem
 from regft.tasks import unsafe_name_problem
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 POSITIVE, NON_NEGATIVE = "> 0", ">= 0"
 VAE_FACTOR = 8  # the VAE downsamples by 8: generation sizes are multiples of it
+# VC's variance and covariance terms are statistics over a worker's batch: two samples at least
+MIN_PER_WORKER_BATCH = 2
+GAP_GENERATOR = "shapes"  # the one generator with a domain gap (regft.shapes)
+USAGE = "%(prog)s [TASK] [--preset NAME] [--FLAG VALUE ...]   (every flag: --help)"
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ def preset_file(name: str, task: str | None) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m regft.tune",
+        prog="python -m regft.tune", usage=USAGE,  # an error prints the usage: keep it one line
         description="Search VC weight, learning rate and ensemble alpha for name-only transfer of CLIP.",
         epilog="Flags override the preset's values, which override the paper's defaults.",
     )
@@ -133,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(f.name, dest=f.path, default=unset, help=f.help,
                            action="store_true" if f.switch_value else "store_false")
         else:
-            p.add_argument(f.name, dest=f.path, type=f.type, default=unset, help=f.help,
+            # every float flag goes through the one number check (NaN, infinity refused)
+            kind = finite_float if f.type is float else f.type
+            p.add_argument(f.name, dest=f.path, type=kind, default=unset, help=f.help,
                            choices=f.choices, metavar=f.name[2:].upper().replace("-", "_"))
     return p
 
@@ -147,7 +154,9 @@ def parse_flags(argv: list[str] | None) -> tuple[dict[str, Any], Path | None]:
 
 def flag_problems(settings) -> list[str]:
     """Every bad value among the search settings' flag-set fields, each naming its flag (the
-    value may come from the preset: the flag is how to change it)."""
+    value may come from the preset: the flag is how to change it), then what the training and
+    generation configs of the search say about their own fields, named the same way. All of it
+    before Ray starts."""
     value = {f.path: operator.attrgetter(f.path)(settings) for f in FLAGS
              if not f.path.startswith("generation.generator_options")}
     p = []
@@ -155,10 +164,12 @@ def flag_problems(settings) -> list[str]:
         v = value.get(f.path)
         if v is None:
             continue
-        if (f.check == POSITIVE and v <= 0) or (f.check == NON_NEGATIVE and v < 0):
+        if isinstance(v, str) and f.type is str and not v.strip():
+            p.append(f"{f.name}: empty value; give one or leave the flag out")
+        elif (f.check == POSITIVE and v <= 0) or (f.check == NON_NEGATIVE and v < 0):
             p.append(f"{f.name}: must be {f.check}, got {v}")
         elif f.choices and v not in f.choices:
-            p.append(f"{f.name}: {v!r} is not one of {', '.join(f.choices)}")
+            p.append(f"{f.name}: {shorten(v)} is not one of {', '.join(f.choices)}")
     if settings.max_classes is not None and settings.max_classes == 1:
         p.append(f"--max-classes: a classifier needs at least 2 classes, got {settings.max_classes}")
     resolution = settings.generation.resolution
@@ -167,9 +178,66 @@ def flag_problems(settings) -> list[str]:
                  f"by {VAE_FACTOR}), got {resolution}")
     for flag, name in (("--name", settings.name), ("--experiment", settings.experiment)):
         problem = unsafe_name_problem(name, flag) if name is not None else None
-        if problem:  # they name folders
+        if problem and name.strip():  # they name folders (an empty one is reported above)
             p.append(problem)
-    return p
+    p += [x for x in (seed_problem(settings.seed, "--seed"),) if x]
+    p += _batch_problems(settings) + _gap_problems(settings)
+    return p + [x for x in _config_problems(settings) if not _reported(x, p)]
+
+
+def _batch_problems(settings) -> list[str]:
+    """The global batch is split evenly over a trial's workers, and VC (sampled by the search)
+    needs at least MIN_PER_WORKER_BATCH images on each."""
+    batch, workers = settings.train.batch_size, settings.train.num_workers
+    if batch <= 0 or workers <= 0:
+        return []  # reported by the flag table
+    if batch % workers:
+        return [f"--batch-size {batch} does not split evenly over --workers-per-trial {workers}; "
+                f"e.g. --batch-size {max(workers * MIN_PER_WORKER_BATCH, batch // workers * workers)}"]
+    if batch // workers < MIN_PER_WORKER_BATCH:
+        return [f"--batch-size {batch} over --workers-per-trial {workers} is {batch // workers} "
+                f"image(s) per worker; VC needs at least {MIN_PER_WORKER_BATCH} (e.g. --batch-size "
+                f"{workers * MIN_PER_WORKER_BATCH})"]
+    return []
+
+
+def _gap_problems(settings) -> list[str]:
+    generation = settings.generation
+    if "gap" not in generation.generator_options:
+        return []
+    gap = generation.generator_options["gap"]
+    if generation.generator != GAP_GENERATOR:
+        return [f"--gap: only --generator {GAP_GENERATOR} has a domain gap; drop --gap for "
+                f"--generator {shorten(generation.generator)}"]
+    if not isinstance(gap, (int, float)) or isinstance(gap, bool) or not 0.0 <= gap <= 1.0:
+        return [f"--gap: must be in [0, 1] (0 = the real domain, 1 = the full shift), got {shorten(gap)}"]
+    return []
+
+
+def _label(section: str):
+    """A config field of `section` named as this command sets it: its flag, else its preset key."""
+    def label(field_name: str) -> str:
+        return FLAG_OF.get(f"{section}.{field_name}") or f"{section}.{field_name} (preset key)"
+    return label
+
+
+def _config_problems(settings) -> list[str]:
+    """TrainConfig.validate and GenerationConfig.validate on what the search will run, with this
+    command's names (the task, the storage and the alpha grid are checked elsewhere)."""
+    from regft.search import generation_config, trial_config  # loaded by main() already
+
+    problems = []
+    if settings.train.num_workers > 0:  # else reported by the flag table (and GPUs / 0 workers)
+        trial = trial_config(settings, alpha_grid=[0.0, 1.0])  # the space's grid: checked with it
+        problems += trial.validate(_label("train"))
+    problems += generation_config(settings).validate(_label("generation"))
+    return [p for p in problems if not p.startswith("task")]
+
+
+def _reported(problem: str, reported: list[str]) -> bool:
+    """Whether `problem` is about a flag the flag table already reported (one message each)."""
+    flags = {r.split(":")[0].split(" ")[0] for r in reported}
+    return problem.split(":")[0].split(" ")[0] in flags
 
 
 @entry_point

@@ -89,7 +89,7 @@ BAD_INPUTS = [
     ("resolution-not-multiple-of-8", [*SMOKE, "--resolution", "30"],
      "--resolution: must be a positive multiple of 8"),
     ("gpus-on-cpu-cluster", [*SMOKE, "--gpus-per-trial", "1"], "the Ray cluster has no GPUs"),
-    ("workers-never-fit", [*SMOKE, "--workers-per-trial", "9"], "the trial could never start"),
+    ("workers-never-fit", [*SMOKE, "--workers-per-trial", "4"], "the trial could never start"),
     ("tracking-unreachable", [*SMOKE, "--tracking-uri", "http://127.0.0.1:{port}"],
      "tracking server unreachable"),
     ("tracking-credentials-redacted", [*SMOKE, "--tracking-uri", f"http://me:{SECRET}@127.0.0.1:{{port}}"],

@@ -45,7 +45,7 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys, ray_local):
         (["carz"], "unknown task 'carz'"),
         (["cars", "--search-space", str(bad_space)], "a log-scale range needs low > 0"),
         (["cars", "--search-space", str(bad_space)], "alpha must lie in [0, 1]"),
-        (["cars", "--preset", "smoke", "--workers-per-trial", "9"], "could never start"),
+        (["cars", "--preset", "smoke", "--workers-per-trial", "4"], "could never start"),
         (["cars", "--preset", "smoke", "--gpus-per-trial", "1"], "has no GPUs"),
         (["cars", "--preset", "smoke", "--tracking-uri", f"http://127.0.0.1:{closed_port()}"],
          "tracking server unreachable"),
