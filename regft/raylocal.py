@@ -213,6 +213,6 @@ def job_outputs(storage: str, tracking_uri: str | None) -> tuple[str, str | None
                 f"for a job: ${HOME_ENV}, else {DEFAULT_HOME}) or a URI (s3://..., http://...)")
     if moved and not problems:
         home.mkdir(parents=True, exist_ok=True)  # the sqlite store's folder must exist
-        print(f"note: running as a Ray job in a temporary working dir: {' and '.join(moved)} "
-              f"go to {home} (${HOME_ENV}) on this node, which outlives the job")
+        print(f"note: running as a Ray job in a temporary working dir: writing {' and '.join(moved)} "
+              f"under {home} (${HOME_ENV}) on this node instead, which outlives the job")
     return storage, tracking_uri, problems
