@@ -173,9 +173,10 @@ def _check_remote_writable(store: str, flag: str, timeout: float) -> str | None:
     except subprocess.TimeoutExpired as e:
         if "ok" in str(e.stdout or ""):  # written; only the child's exit hung
             return None
+        endpoint = " (endpoint_override=... or AWS_ENDPOINT_URL)" if store.startswith("s3://") else ""
         return (f"{flag}: {shorten(store)} did not take a test write within {timeout:g} s "
-                f"(endpoint down or unreachable{_credentials_hint(store)}); check the endpoint "
-                "(endpoint_override=... or AWS_ENDPOINT_URL) and the credentials, or pass a local folder")
+                f"(endpoint down or unreachable{_credentials_hint(store)}); check the endpoint"
+                f"{endpoint} and the credentials, or pass a local folder")
     if done.returncode == 0:
         return None
     msg = redact((done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1])
