@@ -84,6 +84,9 @@ FLAGS = (
     Flag("--guidance", "generation.guidance", float, check=NON_NEGATIVE),
     Flag("--gen-batch-size", "generation.batch_size", int, check=POSITIVE),
     Flag("--gen-actors", "generation.num_actors", int, check=POSITIVE),
+    Flag("--gen-dtype", "generation.dtype", choices=("auto", "fp16", "bf16", "fp32"),  # generators.DTYPES
+         help="generation precision: auto (default) = fp16 on GPU, fp32 on CPU; bf16 halves the "
+         "memory of a CPU run (fast where the CPU has AMX)"),
     Flag("--weights", "weights", choices=("auto", "pretrained", "random"),  # realsize.WEIGHTS_CHOICES
          help="auto (default) / pretrained: the real weights, else stop; random: the real "
          "architectures with seeded random weights (offline sizing runs; outputs say so)"),
