@@ -63,6 +63,8 @@ MEMORY_POLL_S = 0.05
 RANDOM_BANNER = ("WEIGHTS: RANDOM -- {why}. Real architectures, seeded random weights: the times, "
                  "memory and bytes below are those of the real job; nothing else is.")
 GB = 1e9
+DAY_S = 86400
+BUSY_SHARE = 0.5  # below this share of its threads' CPU time, the machine was busy: say so
 
 
 # ----------------------------------------------------------------------- memory ----
@@ -347,14 +349,17 @@ def measure_generation(req: Request, device: str, tmp: Path) -> GenMeasure:
     params = {"unet": 0, "vae": 0, "text_encoder": 0}
     if pipe is not None:
         params = {k: count(getattr(pipe, k)) for k in params}
+    warmup = 0.0
     if len(unet_times) >= GEN_STEPS_MEASURED:
         per_step = unet_times[-1] / batch  # the warm step
         fixed = (total - sum(unet_times)) / batch
+        # the first call's extra time (kernels picked, buffers allocated) is paid once per actor
+        warmup = max(0.0, unet_times[0] - unet_times[-1])
     else:  # no UNet (the shapes generator): all of it is per image
         per_step, fixed = 0.0, total / batch
     del gen, pipe, table, rec
     gc.collect()
-    return GenMeasure(load_s, fixed + per_step * cfg.steps, fixed, per_step, shard_bytes / batch,
+    return GenMeasure(load_s + warmup, fixed + per_step * cfg.steps, fixed, per_step, shard_bytes / batch,
                       mem.peak, params, batch)
 
 
@@ -548,7 +553,7 @@ def eval_images_per_trial(req: Request, c: Counts) -> int:
 
 
 def project(req: Request, label: str, device: str, g: GenMeasure, m: ClipMeasure) -> Plan:
-    from regft.checkpoint import Policy, kept_bytes_per_trial
+    from regft.checkpoint import Policy, finished_bytes_per_trial, kept_bytes_per_trial
 
     c, cfg = job_counts(req), req.trial
     workers = max(1, cfg.num_workers)
@@ -557,7 +562,7 @@ def project(req: Request, label: str, device: str, g: GenMeasure, m: ClipMeasure
     train_units = c.trials * c.epochs * c.steps_per_epoch * per_worker * workers
     stages = [
         Stage("clip.load", "model built (per trial)", m.load_s, c.trials, m.load_peak),
-        Stage("generation.load", "pipeline load (per actor)", g.load_s, c.generation_actors, g.peak),
+        Stage("generation.load", "load + first call (per actor)", g.load_s, c.generation_actors, g.peak),
         Stage("generation", "image", g.seconds_per_image, c.images, g.peak,
               note=f"fixed {g.fixed_s:.2f} s + {g.per_step_s:.2f} s/step x {req.generation.steps} steps "
                    f"per image, measured at batch {g.batch}"),
@@ -584,8 +589,12 @@ def project(req: Request, label: str, device: str, g: GenMeasure, m: ClipMeasure
     per_trial_devices = cfg.num_workers * cfg.gpus_per_worker if cfg.use_gpu else 1.0
     device_hours = (gen_device_s + c.trials * trial_wall * per_trial_devices) / 3600
     policy = Policy(keep_best=cfg.keep_checkpoints)
-    storage = {"dataset": int(g.shard_bytes_per_image * c.images),
-               "checkpoints": int(kept_bytes_per_trial(m.model_bytes, m.optimizer_bytes, policy) * c.trials),
+    # the most at any moment: the last round's trials running (their checkpoints with optimizer
+    # state, regft.checkpoint's policy), every trial before them finished (weights only)
+    running = min(c.concurrent, c.trials)
+    checkpoints = (running * kept_bytes_per_trial(m.model_bytes, m.optimizer_bytes, policy)
+                   + (c.trials - running) * finished_bytes_per_trial(m.model_bytes, policy))
+    storage = {"dataset": int(g.shard_bytes_per_image * c.images), "checkpoints": int(checkpoints),
                "export": int(m.export_bytes)}
     storage["total"] = sum(storage.values())
     plan = Plan(label, device, {**g.parameters, **m.parameters}, stages, storage,
@@ -659,7 +668,9 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.1f} s"
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 3 * DAY_S:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / DAY_S:,.0f} d"
 
 
 def render(plan: Plan, req: Request) -> str:
@@ -698,10 +709,28 @@ def run_plan(req: Request) -> Plan:
     if why is not None:
         print(RANDOM_BANNER.format(why=why), flush=True)
     device = device_name()
+    cpu0, wall0 = os.times(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="regft-plan-") as tmp:
         g = measure_generation(req, device, Path(tmp))
         m = measure_clip(req, device, Path(tmp))
-    return project(req, label, device, g, m)
+    plan = project(req, label, device, g, m)
+    if device == "cpu":
+        plan.notes += busy_note(cpu0, os.times(), time.perf_counter() - wall0)
+    return plan
+
+
+def busy_note(cpu0, cpu1, wall: float) -> list[str]:
+    """On a shared CPU every measured time includes the waiting: say how much there was."""
+    import torch
+
+    threads = torch.get_num_threads()
+    used = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    share = used / (wall * threads) if wall > 0 else 1.0
+    if share >= BUSY_SHARE:
+        return []
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return [f"the machine was busy: the measurements got {share:.0%} of the {threads} CPU threads "
+            f"they ran on (load average {load:.1f}); every time above includes that wait"]
 
 
 @entry_point

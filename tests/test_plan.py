@@ -180,3 +180,25 @@ def test_paper_plan_on_this_machine(tmp_path, capsys):
     assert plan["parameters"] == REAL_COUNTS
     print(out, f"\nplan took {seconds:.0f} s, load average {os.getloadavg()}")
     assert seconds <= PAPER_PLAN_LIMIT_S, seconds
+
+
+def test_random_weights_are_said_on_the_parent_run_and_in_the_export(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from regft.export import META_FILE, write_export
+    from regft.search import WEIGHTS_TAG, layout_search, open_parent_run
+
+    for argv, expected in ((["--weights", "random"], "random"), (["--weights", "random", "--name", "b",
+                                                                  "--pretrained", "openai"], "random")):
+        plan = plan_search(_settings(tmp_path, *argv))
+        parent = open_parent_run(plan, layout_search(plan))
+        tags = MlflowClient(plan.tracking_uri).get_run(parent.run_id).data.tags
+        assert tags[WEIGHTS_TAG] == expected
+    # the export records what the fine-tune started from
+    import torch
+
+    state = {"head.linear.weight": torch.zeros(2, 4), "head.linear.bias": torch.zeros(2)}
+    for pretrained, expected in ((None, "random"), ("openai", "pretrained")):
+        folder = write_export(tmp_path / f"export-{expected}", state, model="ViT-B-16",
+                              pretrained=pretrained, architecture={}, classnames=["a", "b"], alpha=0.5)
+        assert json.loads((folder / META_FILE).read_text())["initial_weights"] == expected
