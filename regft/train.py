@@ -219,7 +219,8 @@ class TrainConfig:
         if not self.alpha_grid:
             p.append(f"{n('alpha_grid')}: empty; e.g. [0.0, 0.1, ..., 1.0]")
         elif any(not 0.0 <= float(a) <= 1.0 for a in self.alpha_grid):
-            p.append(f"{n('alpha_grid')}: every alpha must be in [0, 1], got {shorten(list(self.alpha_grid))}")
+            p.append(f"{n('alpha_grid')}: every alpha must be in [0, 1], got "
+                     f"{shorten(list(self.alpha_grid))}")
         if self.alpha_rule not in ALPHA_RULES:
             p.append(f"{n('alpha_rule')}: {shorten(self.alpha_rule)} is not one of {', '.join(ALPHA_RULES)}")
         if self.selection_metric not in SELECTION_METRICS:

@@ -253,8 +253,8 @@ def test_classnames_file_with_bom_crlf_or_cr_reads_the_same_names(workdir):
 
 def test_classnames_folder_or_unreadable_file_names_the_flag(workdir, capsys):
     (workdir / "folder").mkdir()
-    _refused("tune", ["birds", "--classnames", "folder", *BASE["tune"][1:]], "--classnames 'folder': not a file",
-             capsys, workdir, inputs=("folder",))
+    _refused("tune", ["birds", "--classnames", "folder", *BASE["tune"][1:]],
+             "--classnames 'folder': not a file", capsys, workdir, inputs=("folder",))
 
 
 # ---------------------------------------------------------- search-space files ----
@@ -270,7 +270,8 @@ SPACES = [
      "key 'lr' given twice (lines 2 and 3)"),
     ("duplicate-bound", "parameters:\n  lr: {distribution: loguniform, low: 1.0e-4, low: 1.0e-5, high: 1}\n",
      "key 'low' given twice"),
-    ("duplicate-top-level", SPACE_OK + "alpha: {step: 0.5}\nalpha: {step: 0.25}\n", "key 'alpha' given twice"),
+    ("duplicate-top-level", SPACE_OK + "alpha: {step: 0.5}\nalpha: {step: 0.25}\n",
+     "key 'alpha' given twice"),
     ("strings-for-lr", "parameters:\n  lr: {distribution: choice, values: [fast, slow]}\n",
      "parameters.lr.values: lr takes finite numbers"),
     ("bools-for-lr", "parameters:\n  lr: {distribution: choice, values: [true, false]}\n",
@@ -279,7 +280,8 @@ SPACES = [
      "warmup_steps is an integer setting"),
     ("uniform-for-int-field", "parameters:\n  warmup_steps: {distribution: uniform, low: 0, high: 100}\n",
      "use distribution int or logint"),
-    ("fractional-int-step", "parameters:\n  warmup_steps: {distribution: int, low: 0, high: 100, step: 0.5}\n",
+    ("fractional-int-step",
+     "parameters:\n  warmup_steps: {distribution: int, low: 0, high: 100, step: 0.5}\n",
      "parameters.warmup_steps.step"),
     ("model", "parameters:\n  model: {distribution: choice, values: [ViT-B-16, ViT-L-14]}\n",
      "parameters.model: model cannot be searched"),
@@ -301,9 +303,11 @@ SPACES = [
     ("huge-value-quoted-short", "parameters:\n  lr: {distribution: choice, values: ["
      + ", ".join(["x" * 1000] * 50) + "]}\n", "parameters.lr.values"),
     ("huge-unknown-key-quoted-short", SPACE_OK + "x" * 1000 + ": 1\n", "unknown top-level key"),
-    ("step-on-log-range", "parameters:\n  lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3, step: 1.0e-4}\n",
+    ("step-on-log-range",
+     "parameters:\n  lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3, step: 1.0e-4}\n",
      "only uniform and int ranges take a step"),
-    ("values-on-a-range", "parameters:\n  lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3, values: [1]}\n",
+    ("values-on-a-range",
+     "parameters:\n  lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-3, values: [1]}\n",
      "'values' is for a choice"),
     ("python-tag", "parameters: !!python/object/apply:os.system [echo hi]\n", "malformed YAML"),
     ("two-documents", SPACE_OK + "---\n" + SPACE_OK, "malformed YAML"),
