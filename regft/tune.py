@@ -75,6 +75,8 @@ FLAGS = (
     Flag("--alpha-rule", "train.alpha_rule", help="knee (default), 1se or argmax, on the selection split"),
     Flag("--real-test", "train.real_test", help="real test split (only reported)"),
     Flag("--real-val", "train.real_val", help="labelled real validation split (may select)"),
+    Flag("--val-fraction", "train.val_fraction", float, "generated images held out for "
+         "synthetic_val (sha256 rule; a few images per class may need more than 0.1)", POSITIVE),
     Flag("--max-classes", "max_classes", int, check=POSITIVE),
     Flag("--generator", "generation.generator"),
     Flag("--gap", "generation.generator_options.gap", float, "shapes generator: domain gap in [0, 1]"),
