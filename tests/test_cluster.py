@@ -3,7 +3,9 @@
 - `cluster/aws.yaml` passes Ray's own config schema and Ray's AWS bootstrap (against moto), with
   no port open to the world and versions pinned to the project's;
 - `ray job submit --working-dir .` of a search to a `ray start` head (auth off, 127.0.0.1, its
-  own temp dir, stopped by PID) succeeds and logs its MLflow runs;
+  own temp dir, stopped by PID) succeeds and logs its MLflow runs; given no --tracking-uri, its
+  MLflow store and its export land in ~/.regft on the head, not in Ray's temporary copy of the
+  working dir (issue 19 item 14);
 - that search's `--storage s3://...` (moto's S3 server) holds the generated shards, the Ray
   Train checkpoints, the Tune results and the MLflow artifacts.
 """
@@ -259,7 +261,7 @@ def submitted_search(moto_s3, tmp_path_factory):
            # pin every process of this cluster to it (what regft.raylocal does for local Rays)
            "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
     (work / "home").mkdir()
-    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "REGFT_STORE"):
+    for k in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI", "REGFT_STORE", "REGFT_HOME"):
         env.pop(k, None)
     ports = {"--port": gcs, "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
              "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
@@ -270,7 +272,8 @@ def submitted_search(moto_s3, tmp_path_factory):
          "true", "--temp-dir", temp_dir, *[f"{k}={v}" for k, v in ports.items()]],
         env=env, cwd=work, stdout=open(work / "head.log", "w"), stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
-    tracking = f"sqlite:///{work / 'mlflow.db'}"
+    home = work / "home" / ".regft"  # a job's default outputs (regft.raylocal.durable_home)
+    tracking = f"sqlite:///{home / 'mlflow.db'}"  # the default: the job is given none
     storage = f"s3://{BUCKET}/runs"
     t0 = time.time()
     try:
@@ -280,8 +283,7 @@ def submitted_search(moto_s3, tmp_path_factory):
                "--submission-id", "regft-job-e2e", "--working-dir", str(ROOT), "--",
                "python", "-m", "regft.tune", "shapes", "--preset", "smoke", "--num-samples", "1",
                "--epochs", "1", "--images-per-class", "16", "--batch-size", "32",
-               "--warmup-steps", "2", "--name", "job-e2e", "--storage", storage,
-               "--tracking-uri", tracking]
+               "--warmup-steps", "2", "--name", "job-e2e", "--storage", storage]
         sub = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert sub.returncode == 0, sub.stdout + sub.stderr
         from ray.job_submission import JobStatus, JobSubmissionClient
@@ -294,6 +296,7 @@ def submitted_search(moto_s3, tmp_path_factory):
             status = client.get_job_status("regft-job-e2e")
         logs = client.get_job_logs("regft-job-e2e")
         yield {"status": status, "logs": logs, "tracking_uri": tracking, "storage": storage,
+               "home": home, "ray_temp": temp_dir,
                "env": moto_s3, "head_s": t_head, "total_s": time.time() - t0, "submit": sub.stdout}
     finally:
         _stop(head, temp_dir)
@@ -318,6 +321,14 @@ def test_job_submit_runs_the_search_and_logs_mlflow_runs(submitted_search):
     assert len(children) == 1 and "select_metric" in children[0].data.metrics
     # artifacts live under the storage URI, next to the datasets and checkpoints
     assert exp.artifact_location == f"{r['storage']}/mlflow-artifacts/regft-shapes"
+    # what the job leaves on the head outlives it: nothing in Ray's copy of the working dir
+    # (which Ray deletes with its session), the store and the export in the durable home
+    assert f"under {r['home']} ($REGFT_HOME)" in r["logs"], r["logs"][-4000:]
+    summary = r["logs"].split("Search job-e2e: best trial")[1].splitlines()
+    where = [line for line in summary if line.lstrip().startswith(("MLflow:", "model:"))]
+    assert where and all(str(r["home"]) in w and "_ray_pkg_" not in w for w in where), where
+    assert (r["home"] / "exports" / "job-e2e").is_dir()
+    assert not str(r["home"]).startswith(r["ray_temp"])
 
 
 def test_s3_storage_holds_shards_checkpoints_results_and_artifacts(submitted_search):
