@@ -9,7 +9,7 @@ head (ViT-B/16's text tower over the task's descriptions), fine-tuning ViT-B/16 
 sweep, MLflow logging and the export, with the real architectures: only the counts are small.
 It runs in a subprocess with its own local Ray (as a user runs it); every output line is
 timestamped, so the wall time of each stage is read off the driver's lines, and the process
-tree's resident memory is sampled every second (/proc). The figures are printed and written to
+tree's memory is sampled every second (/proc: summed PSS, largest RSS). The figures are printed and written to
 $REGFT_REALSIZE_REPORT (default: realsize-e2e.json in the test's tmp folder) for
 benchmarks/RESULTS.md, next to what `python -m regft.plan` projects for the same flags.
 """
@@ -39,22 +39,31 @@ FLAGS = ["cars", "--preset", "paper", "--weights", "random", "--max-classes", "2
 SAMPLE_S = 1.0  # memory sampling period
 LIMIT_S = 3 * 3600  # a loaded 2-core machine: generation alone took over 20 min in fp32
 PAGE = os.sysconf("SC_PAGE_SIZE")
+KIB = 1024
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size: shared pages (torch's libraries, Ray's object store) counted once
+    over all processes, not once per process as summed RSS would."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) * KIB for line in f if line.startswith("Pss:"))
 
 
 def tree_rss(root: int) -> tuple[int, int]:
-    """(summed, largest) resident bytes of `root` and all its descendants, from /proc."""
+    """(summed PSS, largest RSS) in bytes of `root` and all its descendants, from /proc."""
     todo, total, largest = [root], 0, 0
     while todo:
         pid = todo.pop()
         try:
             with open(f"/proc/{pid}/statm") as f:
                 rss = int(f.read().split()[1]) * PAGE
+            pss = _pss(pid)
             for task in os.listdir(f"/proc/{pid}/task"):
                 with open(f"/proc/{pid}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
-        except (OSError, ValueError, IndexError):  # gone meanwhile
+        except (OSError, ValueError, IndexError, StopIteration):  # gone meanwhile
             continue
-        total, largest = total + rss, max(largest, rss)
+        total, largest = total + pss, max(largest, rss)
     return total, largest
 
 
@@ -133,7 +142,8 @@ def test_paper_job_at_real_size_runs_end_to_end(tmp_path, no_local_ray):
     assert rc == 0, text[-6000:]
 
     figures = {"command": "python -m regft.tune " + " ".join(FLAGS), "stages_s": stages(run),
-               "peak_rss_bytes": {"process_tree": run.peak_total, "largest_process": run.peak_process},
+               "peak_memory_bytes": {"process_tree_pss": run.peak_total,
+                                     "largest_process_rss": run.peak_process},
                "load_average_at_end": os.getloadavg(), "cpus": os.cpu_count()}
     report = Path(os.environ.get("REGFT_REALSIZE_REPORT", tmp_path / "realsize-e2e.json"))
     report.write_text(json.dumps(figures, indent=1))
