@@ -121,7 +121,8 @@ def log_export(tracking_uri: str, run_id: str, folder: str | Path,
 
 def download_export(model: str, tracking_uri: str, dst: str | Path) -> Path:
     """An MLflow run id, a registered version's files (`_registered_source`) or any MLflow
-    artifact URI -> the local export folder, downloaded under `dst`. Only files are fetched; nothing is unpickled."""
+    artifact URI -> the local export folder, downloaded under `dst`. Only files are fetched;
+    nothing is unpickled."""
     uri = f"runs:/{model}/{ARTIFACT_PATH}" if RUN_ID.match(model) else model
     previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a few small files: no bar

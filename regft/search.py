@@ -192,7 +192,8 @@ def trial_config(s: SearchSettings, alpha_grid: list[float]) -> TrainConfig:
     """What every trial trains with before its sampled values are applied."""
     gpus = s.gpus_per_trial
     return dataclasses.replace(
-        s.train, pretrained=None if s.weights == RANDOM_WEIGHTS else s.train.pretrained, task=s.task, classnames=s.classnames, max_classes=s.max_classes, seed=s.seed,
+        s.train, pretrained=None if s.weights == RANDOM_WEIGHTS else s.train.pretrained,
+        task=s.task, classnames=s.classnames, max_classes=s.max_classes, seed=s.seed,
         use_gpu=gpus > 0, gpus_per_worker=gpus / s.train.num_workers if gpus > 0 else 0.0,
         alpha_grid=list(alpha_grid),
         audit_log=str(Path(s.train.audit_log).resolve()) if s.train.audit_log else None)
@@ -513,7 +514,8 @@ def read_search_file(experiment_path: str) -> dict | None:
         with fs.open_input_stream(path) as f:
             data = json.loads(f.read())
     except (OSError, ValueError) as e:
-        raise UserError(f"--resume: {experiment_path}/{SEARCH_FILE} is corrupt ({shorten(str(e), 80)})") from e
+        raise UserError(f"--resume: {experiment_path}/{SEARCH_FILE} is corrupt "
+                        f"({shorten(str(e), 80)})") from e
     return data if isinstance(data, dict) else None
 
 
