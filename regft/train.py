@@ -933,6 +933,9 @@ def _main(argv: list[str] | None) -> int:
     storage_problem = st.check_writable(args.storage, flag="--storage")  # seconds, never a hang
     if storage_problem:
         raise UserError(storage_problem)
+    real_problems = check_real_data(cfg)  # every real image decoded once: before any generation
+    if real_problems:
+        raise UserError(real_problems)
     with console.session(verbose=args.verbose):
         return _train_and_print(args, cfg)
 

@@ -398,3 +398,18 @@ def test_search_inputs_that_failed_late_fail_first(tmp_path, cwd, capsys, ray_lo
     else:  # nothing created by a failed validation, also for a storage folder not there yet
         storage = ["--storage", "deep/er/store"] if case == "bad_flag_deep_storage" else []
         refused(main, [*SMOKE, "--epochs", "0", *storage], cwd, capsys, "--epochs")
+
+
+@pytest.mark.timeout(120)
+def test_train_refuses_a_corrupt_real_test_image_before_generating(tmp_path, cwd, capsys):
+    """regft.train checks every real test image before Ray starts or a dataset is generated
+    (today it generated the dataset first and failed after)."""
+    from regft.train import main
+
+    real = tmp_path / "real"
+    _image(real / "red_circle" / "ok.png", 0)
+    (real / "red_circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    store_dir = tmp_path / "store"
+    refused(main, ["shapes", "--store", str(store_dir), "--storage", str(tmp_path / "runs"),
+                   "--real-test", str(real)], cwd, capsys, "--real-test", "broken.png")
+    assert not (store_dir / "datasets").exists()
