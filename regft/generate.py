@@ -55,6 +55,7 @@ from regft.config import (
 )
 from regft.generators import DTYPES, PAPER_GENERATOR, make_generator, native_resolution
 from regft.prompts import PROMPT_STRATEGIES, Item, make_items
+from regft.shapes import parse_classname
 from regft.tasks import Task, TaskError, resolve_task
 
 DEFAULT_STORE = "./regft_data"
@@ -325,6 +326,60 @@ def ensure_ray():
 
 def _cluster_cpus_per_node(ray) -> list[float]:
     return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+SHAPES_LISTED = 3  # class names the shapes generator cannot draw, quoted
+# the driver's item list: ~260 B per item measured (ids, prompts, seeds), held with its sorted
+# copy and each shard's JSON at once: 1 KiB per item
+ITEM_BYTES = 1024
+
+
+def _shapes_class_problems(generation: GenerationConfig, task: Task | None) -> list[str]:
+    if generation.generator != "shapes" or task is None:
+        return []
+    bad = []
+    for name in task.gen_names:
+        try:
+            parse_classname(name)
+        except UserError:
+            bad.append(name)
+    if not bad:
+        return []
+    shown = ", ".join(shorten(b, 40) for b in bad[:SHAPES_LISTED])
+    return [f"--generator shapes: it draws the testbed's '<colour> <shape>' classes only (e.g. "
+            f"'red circle'); {len(bad)} of task {task.name!r}'s class names are not: {shown}"
+            f"{' ...' if len(bad) > SHAPES_LISTED else ''}; use another --generator"]
+
+
+def available_memory() -> int:
+    """Bytes of memory free for a new allocation: Linux's MemAvailable, else all physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _item_list_problems(generation: GenerationConfig, task: Task | None) -> list[str]:
+    if task is None:
+        return []
+    items = task.num_classes * generation.images_per_class
+    need, have = items * ITEM_BYTES, available_memory()
+    if need <= have:
+        return []
+    return [f"--images-per-class {generation.images_per_class}: {task.num_classes} classes x "
+            f"{generation.images_per_class} = {items:,} images; their item list alone needs about "
+            f"{need / 2**30:,.1f} GiB of memory, this machine has {have / 2**30:,.1f} GiB free; "
+            "lower --images-per-class"]
+
+
+def request_size_problems(cfg: GenerationConfig, task: Task | None) -> list[str]:
+    """What would fail only once generation runs: class names the shapes generator cannot draw,
+    an item list that cannot fit in this machine's memory (regft.generate and regft.tune)."""
+    return _shapes_class_problems(cfg, task) + _item_list_problems(cfg, task)
 
 
 def check_request(cfg: GenerationConfig):
@@ -692,7 +747,10 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    check_request(cfg)  # the fields, the class names, the store, the generator: before Ray starts
+    task, _ = check_request(cfg)  # the fields, the class names, the store, the generator: before Ray
+    size_problems = request_size_problems(cfg, task)
+    if size_problems:
+        raise UserError(size_problems)
     with console.session(verbose=args.verbose):  # a full log; the terminal: the bar, the result
         return _generate_and_print(cfg, args.verbose)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from regft.cli import redact, shorten
 from regft.config import from_dict
 from regft.console_ray import TrialLines, ray_logs_dir
 from regft.errors import UserError
-from regft.generate import GenerationConfig, check_request, ensure_dataset
+from regft.generate import GenerationConfig, check_request, ensure_dataset, request_size_problems
 from regft.mlflow_store import (
     SEARCH_TAG,
     check_tracking_uri,
@@ -68,7 +67,6 @@ from regft.resources import (
 )
 from regft.search_space import SearchSpace, default_search_space_path, load_search_space
 from regft.searcher import fail_running_trials, make_searcher
-from regft.shapes import parse_classname
 from regft.tasks import SHAPES_REAL, Task, resolve_task
 from regft.tracking import MLflowTrialCallback
 from regft.train import TrainConfig, build_trainer
@@ -295,55 +293,9 @@ def _generation_problems(generation: GenerationConfig) -> list[str]:
         task, _ = check_request(generation)
     except UserError as e:  # the task and the storage were checked by plan_search itself
         return [p for p in e.problems if p.startswith("generator")]
-    return _shapes_class_problems(generation, task) + _item_list_problems(generation, task)
+    return request_size_problems(generation, task)
 
 
-SHAPES_LISTED = 3  # class names the shapes generator cannot draw, quoted
-# the driver's item list: ~260 B per item measured (ids, prompts, seeds), held with its sorted
-# copy and each shard's JSON at once: 1 KiB per item
-ITEM_BYTES = 1024
-
-
-def _shapes_class_problems(generation: GenerationConfig, task: Task | None) -> list[str]:
-    if generation.generator != "shapes" or task is None:
-        return []
-    bad = []
-    for name in task.gen_names:
-        try:
-            parse_classname(name)
-        except UserError:
-            bad.append(name)
-    if not bad:
-        return []
-    shown = ", ".join(shorten(b, 40) for b in bad[:SHAPES_LISTED])
-    return [f"--generator shapes: it draws the testbed's '<colour> <shape>' classes only (e.g. "
-            f"'red circle'); {len(bad)} of task {task.name!r}'s class names are not: {shown}"
-            f"{' ...' if len(bad) > SHAPES_LISTED else ''}; use another --generator"]
-
-
-def available_memory() -> int:
-    """Bytes of memory free for a new allocation: Linux's MemAvailable, else all physical memory."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _item_list_problems(generation: GenerationConfig, task: Task | None) -> list[str]:
-    if task is None:
-        return []
-    items = task.num_classes * generation.images_per_class
-    need, have = items * ITEM_BYTES, available_memory()
-    if need <= have:
-        return []
-    return [f"--images-per-class {generation.images_per_class}: {task.num_classes} classes x "
-            f"{generation.images_per_class} = {items:,} images; their item list alone needs about "
-            f"{need / 2**30:,.1f} GiB of memory, this machine has {have / 2**30:,.1f} GiB free; "
-            "lower --images-per-class"]
 
 
 # ----------------------------------------------------------------- 2. the cluster --

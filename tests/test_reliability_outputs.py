@@ -413,3 +413,22 @@ def test_train_refuses_a_corrupt_real_test_image_before_generating(tmp_path, cwd
     refused(main, ["shapes", "--store", str(store_dir), "--storage", str(tmp_path / "runs"),
                    "--real-test", str(real)], cwd, capsys, "--real-test", "broken.png")
     assert not (store_dir / "datasets").exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["shapes_foreign_classes", "item_list_too_big"])
+def test_generate_refuses_what_would_fail_only_once_generation_runs(tmp_path, cwd, capsys, case):
+    """regft.generate has regft.tune's checks of the request's size and of the shapes
+    generator's class names, before Ray starts (today: a failed first block / memory exhausted)."""
+    from regft.generate import main
+
+    store_dir = tmp_path / "store"
+    if case == "shapes_foreign_classes":
+        names = tmp_path / "pets.txt"
+        names.write_text("dog\ncat\n")
+        argv, named = ["--classnames", str(names), "--generator", "shapes"], ("--generator shapes", "'dog'")
+    else:
+        argv, named = ["shapes", "--generator", "shapes", "--images-per-class", str(10 ** 12)], (
+            "--images-per-class", "GiB")
+    refused(main, [*argv, "--store", str(store_dir)], cwd, capsys, *named)
+    assert not (store_dir / "datasets").exists()
