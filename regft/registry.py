@@ -143,11 +143,14 @@ def best_checkpoint(results, trial_id: str, trial_run_root: str):
     the newest checkpoint under its Train run folder whose meta says final; None if neither."""
     from ray.train import Checkpoint  # ray only here: predict/evaluate import this module
 
+    # Tune names a checkpoint by its path on the storage's filesystem (no scheme: for
+    # s3://bucket/x it is bucket/x), which is the filesystem of the trial's run folder
+    fs, root = pafs.FileSystem.from_uri(trial_run_root)
     for r in results:
         metrics = r.metrics or {}
-        if metrics.get("trial_id") == trial_id and metrics.get(CHECKPOINT_PATH_KEY):
-            return Checkpoint(metrics[CHECKPOINT_PATH_KEY])
-    fs, root = pafs.FileSystem.from_uri(trial_run_root)
+        path = metrics.get(CHECKPOINT_PATH_KEY) if metrics.get("trial_id") == trial_id else None
+        if path:
+            return Checkpoint(path) if "://" in path else Checkpoint(path, fs)
     final = checkpoint.find_final(fs, root)
     return Checkpoint(final, fs) if final is not None else None
 
