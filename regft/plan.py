@@ -39,6 +39,7 @@ from pathlib import Path
 
 from regft import console
 from regft.cli import entry_point
+from regft.config import finite_float
 from regft.errors import UserError
 
 # plan-only flags on top of regft.tune's
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = "Measure every stage of the search on a small sample at full size; project its cost."
     p.add_argument("--gpus", type=int, default=None, help="GPUs of the cluster to price (default: "
                    "this machine's; on a CPU-only machine its CPU stands for one device)")
-    p.add_argument("--gpu-memory-gb", type=float, default=None,
+    p.add_argument("--gpu-memory-gb", type=finite_float, default=None,
                    help="memory of one GPU: warn when a training batch will not fit")
     p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     return p

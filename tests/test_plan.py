@@ -102,6 +102,20 @@ def test_plan_bad_input_exits_2_naming_the_flag_before_any_model(argv, flag, cap
     assert "WEIGHTS" not in out and "stage" not in out, out  # nothing measured, nothing built
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400", "lots"])
+def test_plan_gpu_memory_must_be_a_finite_number(value, capsys):
+    """--gpu-memory-gb goes through the one number check of every float flag (NaN would pass
+    every range comparison): argparse's usage line and one error line naming the flag."""
+    from regft.plan import main
+
+    rc = main([*PAPER, f"--gpu-memory-gb={value}"])
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    errors = [x for x in err.splitlines() if "error:" in x]
+    assert len(errors) == 1 and "--gpu-memory-gb" in errors[0] and "number" in errors[0], err
+    assert "stage" not in out, out
+
+
 def test_plan_auto_weights_fall_back_to_random_loudly_offline():
     from regft.plan import parse_request, resolve_weights
 
