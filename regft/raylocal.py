@@ -33,6 +33,7 @@ from ray._private import ray_constants
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
 
+from regft import store
 from regft.cli import shorten
 
 LOOPBACK = "127.0.0.1"
@@ -186,7 +187,7 @@ def _local_path(uri: str) -> Path | None:
     for prefix in ("file://", "sqlite:///"):
         if uri.startswith(prefix):
             return Path(uri[len(prefix):])
-    return None if "://" in uri else Path(uri).expanduser()
+    return None if store.is_uri(uri) else Path(uri).expanduser()
 
 
 def job_outputs(storage: str, tracking_uri: str | None) -> tuple[str, str | None, list[str]]:
@@ -198,7 +199,7 @@ def job_outputs(storage: str, tracking_uri: str | None) -> tuple[str, str | None
     if pkg is None:
         return storage, tracking_uri, []
     home, moved = durable_home(), []
-    if "://" not in storage and not Path(storage).expanduser().is_absolute():
+    if not store.is_uri(storage) and not Path(storage).expanduser().is_absolute():
         storage, moved = str(home / storage), [f"--storage {storage}"]
     if tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
         tracking_uri, moved = f"sqlite:///{home / 'mlflow.db'}", [*moved, "the MLflow store"]

@@ -22,11 +22,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import pyarrow.fs as pafs
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
-from regft import checkpoint
+from regft import checkpoint, store
 from regft.cli import redact, shorten
 from regft.errors import UserError
 from regft.export import META_FILE, export_checkpoint, find_export, load_export, read_meta
@@ -145,12 +144,12 @@ def best_checkpoint(results, trial_id: str, trial_run_root: str):
 
     # Tune names a checkpoint by its path on the storage's filesystem (no scheme: for
     # s3://bucket/x it is bucket/x), which is the filesystem of the trial's run folder
-    fs, root = pafs.FileSystem.from_uri(trial_run_root)
+    fs, root = store.filesystem(trial_run_root)
     for r in results:
         metrics = r.metrics or {}
         path = metrics.get(CHECKPOINT_PATH_KEY) if metrics.get("trial_id") == trial_id else None
         if path:
-            return Checkpoint(path) if "://" in path else Checkpoint(path, fs)
+            return Checkpoint(path) if store.is_uri(path) else Checkpoint(path, fs)
     final = checkpoint.find_final(fs, root)
     return Checkpoint(final, fs) if final is not None else None
 

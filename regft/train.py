@@ -947,7 +947,7 @@ def _train_and_print(args: argparse.Namespace, cfg: TrainConfig) -> int:
     with contextlib.nullcontext() if args.verbose else train_epoch_lines(cfg.epochs) as lines:
         result = run(cfg, dataset_path, storage=args.storage, name=args.name,
                      max_failures=args.max_failures, callbacks=[lines] if lines else None)
-    if "://" not in result.run_path:
+    if not st.is_uri(result.run_path):
         console.log_to(Path(result.run_path) / "train.log")
     console.add_note(f"workers' output: Ray's session logs in {ray_logs_dir()}")
     report = result.report
