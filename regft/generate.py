@@ -382,17 +382,28 @@ def request_size_problems(cfg: GenerationConfig, task: Task | None) -> list[str]
     return _shapes_class_problems(cfg, task) + _item_list_problems(cfg, task)
 
 
+def request_task(cfg: GenerationConfig) -> Task:
+    """The task a request generates for. The dataset id and every per-image seed hash the task's
+    name: the first N classes keep the whole task's name, so they get exactly the images the whole
+    task's dataset has for them (and the ids of datasets made before stay the same)."""
+    whole = resolve_task(cfg.task, cfg.classnames_file)
+    return dataclasses.replace(whole.first(cfg.max_classes), name=whole.name)
+
+
+def request_items(cfg: GenerationConfig, task: Task) -> list[Item]:
+    """The dataset's items in id order (what the shards and the manifest list)."""
+    return sorted(make_items(task.name, list(task.gen_names), task.generation_template,
+                             cfg.images_per_class, cfg.seed, cfg.prompt_strategy),
+                  key=lambda it: it.item_id)
+
+
 def check_request(cfg: GenerationConfig):
     """Validate a request; returns (task, generator) or raises UserError with every problem."""
     problems = list(cfg.validate())
     task = None
     if cfg.task or cfg.classnames_file:
         try:
-            whole = resolve_task(cfg.task, cfg.classnames_file)
-            # The dataset id and every per-image seed hash the task's name: the first N classes
-            # keep the whole task's name, so they get exactly the images the whole task's dataset
-            # has for them (and the ids of datasets made before stay the same)
-            task = dataclasses.replace(whole.first(cfg.max_classes), name=whole.name)
+            task = request_task(cfg)
         except TaskError as e:
             problems.append(str(e))
     if not any(p.startswith("store") for p in problems):
@@ -464,9 +475,7 @@ def plan_dataset(cfg: GenerationConfig) -> DatasetPlan:
     identity = generator.identity()
     spec = dataset_spec(cfg, task, identity)
     did = dataset_id(spec)
-    items = sorted(make_items(task.name, list(task.gen_names), task.generation_template,
-                              cfg.images_per_class, cfg.seed, cfg.prompt_strategy),
-                   key=lambda it: it.item_id)
+    items = request_items(cfg, task)
     return DatasetPlan(task, identity, spec, did, st.dataset_path(cfg.effective_store(), did), items)
 
 

@@ -504,14 +504,9 @@ class Counts:
 
 def dataset_items(req: Request) -> list:
     """The dataset's items as regft.generate makes them (ids from the whole task's name)."""
-    from regft.prompts import make_items
-    from regft.tasks import resolve_task
+    from regft.generate import request_items, request_task
 
-    s, gen = req.settings, req.generation
-    whole = resolve_task(s.task, s.classnames)
-    task = whole.first(s.max_classes)
-    return make_items(whole.name, task.gen_names, task.generation_template, gen.images_per_class,
-                      gen.seed, gen.prompt_strategy)
+    return request_items(req.generation, request_task(req.generation))
 
 
 def job_counts(req: Request) -> Counts:
