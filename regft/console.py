@@ -446,8 +446,10 @@ class Console:
             return
         if exc is not None and not isinstance(exc, SystemExit):
             self.log.write("".join(traceback.format_exception(exc)).encode("utf-8", "replace"))
-            self.announce = False  # the error's own message (entry_point's, or the traceback) is
-            # what the user needs to read last; the log has it too
+        if exc is not None:
+            # the error's own message (entry_point's, argparse's usage line, the traceback) or
+            # --help's text is what the user needs to read last; the log has it too
+            self.announce = False
         self._flush_python()
         _flush_c_stdio()
         sys.stdout, sys.stderr = self._streams

@@ -225,3 +225,18 @@ def test_an_error_is_the_last_thing_shown(tmp_path, capfd):
         with console.session(tmp_path / "run.log"):
             raise RuntimeError("boom")
     assert capfd.readouterr().err == ""  # no "full log:" line after it: the error comes last
+
+
+@pytest.mark.parametrize("module", ["regft.tune", "regft.plan", "regft.generate", "regft.train"])
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--help"]])
+def test_argparse_exits_end_with_argparse_text_not_a_log_path(module, argv, capfd):
+    """A usage error or --help ends with what argparse printed: no "full log:" line after it
+    (the log of a command that did nothing is not worth pointing at)."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    rc = main(["shapes", *argv] if module != "regft.generate" else argv)
+    captured = capfd.readouterr()
+    assert rc == (0 if argv == ["--help"] else 2)
+    assert "full log:" not in captured.err and "full log:" not in captured.out
+    assert (captured.out + captured.err).strip(), "argparse printed nothing"
