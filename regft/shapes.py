@@ -11,19 +11,27 @@ the paper's setting (docs/shapes-testbed.md).
   text-to-image models, plus a small per-class offset), a dark outline, shading
   texture, boosted saturation, less noise and a blur. gap = 0 reproduces the real domain exactly
   (same random draws), so it is the no-shift control.
+- **Diversity collapse** (`collapse` in [0, 1], independent of the gap): a text-to-image model
+  repeats itself for one prompt (similar pose, framing, background). Each class has
+  `COLLAPSE_MODES` fixed "modes" (one set of nuisance draws each, a function of the class name
+  only); every image is assigned one, and its nuisances (size, position, rotation, colour jitter,
+  background colour and texture) move towards the mode's by `collapse`. collapse = 0 is the
+  renderer before the knob, bit for bit; at 1 a class has `COLLAPSE_MODES` poses / framings /
+  backgrounds, the images of one mode differing only by pixel noise.
 - Task `shapes`: 16 colour-shape classes (each colour and each shape appears twice, so both
   attributes are needed). Its real test split is rendered in the real domain.
 - A tiny CLIP pretrained contrastively on real-domain images of all 64 combinations ships in
   `regft/pretrained/shapes-clip` (made by scripts/pretrain_shapes.py, see MADE.md there) and
   loads through open_clip's `local-dir:` path: `create_clip(shapes_model_name(), None)`.
 
-Every image is a pure function of (class name, seed, gap, resolution): one numpy Generator per
-image, seeded from the seed and a CRC of the class name, and every random number is drawn in a
-fixed order whatever the gap.
+Every image is a pure function of (class name, seed, gap, collapse, resolution): one numpy
+Generator per image, seeded from the seed and a CRC of the class name, and every random number
+is drawn in a fixed order whatever the gap and collapse.
 """
 from __future__ import annotations
 
 import hashlib
+import numbers
 import zlib
 from dataclasses import dataclass
 from importlib import resources
@@ -67,6 +75,11 @@ CAPTION_TEMPLATES = (
     "a {s} that is {c}.",
 )
 PRETRAINED_DIR = "shapes-clip"
+# Diversity collapse: a handful of modes per prompt (pose, framing, background), fixed before any
+# measurement and never tuned (docs/shapes-testbed.md, "Diversity collapse").
+COLLAPSE_MODES = 4
+_MODE_SALT = 0x6D6F6465  # "mode": the class modes' stream, apart from every image's own stream
+_MODE_CHOICE_STREAM = 1  # the image's mode is drawn from (seed, class, this), not its own stream
 
 
 def shapes_task() -> Task:
@@ -202,23 +215,64 @@ def _draw(rng: np.random.Generator, resolution: int) -> _Draws:
     )
 
 
+def _class_mode(classname: str, mode: int, resolution: int) -> _Draws:
+    """The nuisance draws of one of a class's modes: a typical image's, from the same
+    distribution; a function of the class name (the prompt) only, as a model's modes are."""
+    key = zlib.crc32(classname.encode())
+    return _draw(np.random.default_rng(np.random.SeedSequence([_MODE_SALT, key, mode])), resolution)
+
+
+def _collapse_draws(d: _Draws, classname: str, seed: int, collapse: float,
+                    resolution: int) -> _Draws:
+    """`d` moved towards the image's class mode by `collapse` (0: `d` itself). The mode is drawn
+    from a stream of its own, so the image's draws are those of collapse 0; pixel noise stays
+    the image's own."""
+    if collapse == 0:
+        return d
+    key = zlib.crc32(classname.encode())
+    pick = np.random.default_rng(
+        np.random.SeedSequence([int(seed) & (2**64 - 1), key, _MODE_CHOICE_STREAM]))
+    m = _class_mode(classname, int(pick.integers(COLLAPSE_MODES)), resolution)
+    c = float(collapse)
+    mix = {f: (1 - c) * getattr(d, f) + c * getattr(m, f)
+           for f in d.__dataclass_fields__ if f != "noise"}
+    return _Draws(noise=d.noise, **mix)
+
+
+def unit_interval_problem(name: str, value, meaning: str) -> str | None:
+    """`name` must be a number in [0, 1] (not a bool, NaN or infinity); the problem, else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        return f"{name} must be in [0, 1] ({meaning}), got {value!r}"
+    return None
+
+
+GAP_MEANING = "0 = real domain, 1 = full shift"
+COLLAPSE_MEANING = "0 = as diverse as the real domain, 1 = a few modes per class"
+
+
 def _downsample(a: np.ndarray, resolution: int) -> np.ndarray:
     """(2H, 2W) supersampled -> (H, W), each pixel the mean of its 2x2 block."""
     return a.reshape(resolution, 2, resolution, 2).mean(axis=(1, 3))
 
 
-def render(classname: str, seed: int, gap: float = 0.0, resolution: int = RESOLUTION) -> np.ndarray:
-    """One image, uint8 (resolution, resolution, 3): real domain at gap=0, generated at gap=1.
+def render(classname: str, seed: int, gap: float = 0.0, resolution: int = RESOLUTION,
+           collapse: float = 0.0) -> np.ndarray:
+    """One image, uint8 (resolution, resolution, 3): real domain at gap=0, generated at gap=1;
+    `collapse` pulls its nuisances towards one of its class's few modes (0: none).
 
     A pure function of its arguments. All random numbers are drawn in the same order for every
-    gap, so gap only moves the style, never the object's identity or the nuisance draws.
+    gap and collapse, so gap only moves the style and collapse only the diversity, never the
+    object's identity.
     """
-    if not 0.0 <= gap <= 1.0:
-        raise UserError(f"shapes: gap must be in [0, 1], got {gap}")
+    problems = [p for p in (unit_interval_problem("gap", gap, GAP_MEANING),
+                            unit_interval_problem("collapse", collapse, COLLAPSE_MEANING)) if p]
+    if problems:
+        raise UserError("shapes: " + "; ".join(problems))
     if resolution < 8:
         raise UserError(f"shapes: resolution must be >= 8, got {resolution}")
     colour, shape = parse_classname(classname)
-    d = _draw(_rng(classname, seed), resolution)
+    d = _collapse_draws(_draw(_rng(classname, seed), resolution), classname, seed, collapse,
+                        resolution)
     g = float(gap)
     ss = 2 * resolution  # supersampled grid, averaged 2x2 at the end (anti-aliasing)
 
@@ -303,24 +357,29 @@ def write_real_test(root: str, n_per_class: int = REAL_TEST_PER_CLASS, seed: int
 class ShapesGenerator:
     """Procedural stand-in for a text-to-image model, same interface as the diffusers generator.
 
-    The image for an item depends only on (class name, seed, gap, resolution); prompts and labels
-    are accepted for interface compatibility and ignored (the class name carries the content).
+    The image for an item depends only on (class name, seed, gap, collapse, resolution); prompts
+    and labels are accepted for interface compatibility and ignored (the class name carries the
+    content).
     """
 
-    def __init__(self, resolution: int = RESOLUTION, gap: float = 1.0):
+    def __init__(self, resolution: int = RESOLUTION, gap: float = 1.0, collapse: float = 0.0):
         problems = []
         if not isinstance(resolution, int) or resolution < 8:
             problems.append(f"resolution must be an int >= 8, got {resolution!r}")
-        if not 0.0 <= float(gap) <= 1.0:
-            problems.append(f"gap must be in [0, 1] (0 = real domain, 1 = full shift), got {gap!r}")
+        problems += [p for p in (unit_interval_problem("gap", gap, GAP_MEANING),
+                                 unit_interval_problem("collapse", collapse, COLLAPSE_MEANING)) if p]
         if problems:
             raise UserError("ShapesGenerator: " + "; ".join(problems))
         self.resolution = resolution
         self.gap = float(gap)
+        self.collapse = float(collapse)
 
     def identity(self) -> dict:
-        return {"generator": "shapes", "version": SHAPES_VERSION,
-                "resolution": self.resolution, "gap": self.gap}
+        """What determines the images. `collapse` only when nonzero: at 0 the renderer is the one
+        before the knob, so every dataset id made before it stays valid."""
+        ident = {"generator": "shapes", "version": SHAPES_VERSION,
+                 "resolution": self.resolution, "gap": self.gap}
+        return {**ident, "collapse": self.collapse} if self.collapse else ident
 
     def generate(self, prompts: list[str], seeds: list[int], labels: list[int],
                  classnames: list[str]) -> list[np.ndarray]:
@@ -330,4 +389,5 @@ class ShapesGenerator:
                 f"ShapesGenerator.generate: prompts, seeds, labels and classnames must have equal "
                 f"lengths, got {len(prompts)}, {n}, {len(labels)}, {len(classnames)}"
             )
-        return [render(c, s, self.gap, self.resolution) for c, s in zip(classnames, seeds)]
+        return [render(c, s, self.gap, self.resolution, self.collapse)
+                for c, s in zip(classnames, seeds)]

@@ -80,10 +80,14 @@ FLAGS = (
     Flag("--max-classes", "max_classes", int, check=POSITIVE),
     Flag("--generator", "generation.generator"),
     Flag("--gap", "generation.generator_options.gap", float, "shapes generator: domain gap in [0, 1]"),
+    Flag("--collapse", "generation.generator_options.collapse", float, "shapes generator: "
+         "diversity collapse in [0, 1] (1: a few poses / backgrounds per class)"),
     Flag("--images-per-class", "generation.images_per_class", int, check=POSITIVE),
     Flag("--resolution", "generation.resolution", int),
     Flag("--steps", "generation.steps", int, check=POSITIVE),
     Flag("--guidance", "generation.guidance", float, check=NON_NEGATIVE),
+    Flag("--gen-scheduler", "generation.scheduler", help="generation scheduler: default (the "
+         "model's own) or a diffusers scheduler class, e.g. DPMSolverMultistepScheduler"),
     Flag("--gen-batch-size", "generation.batch_size", int, check=POSITIVE),
     Flag("--gen-actors", "generation.num_actors", int, check=POSITIVE),
     Flag("--gen-dtype", "generation.dtype", choices=("auto", "fp16", "bf16", "fp32"),  # generators.DTYPES
@@ -207,16 +211,20 @@ def _batch_problems(settings) -> list[str]:
 
 
 def _gap_problems(settings) -> list[str]:
-    generation = settings.generation
-    if "gap" not in generation.generator_options:
-        return []
-    gap = generation.generator_options["gap"]
-    if generation.generator != GAP_GENERATOR:
-        return [f"--gap: only --generator {GAP_GENERATOR} has a domain gap; drop --gap for "
-                f"--generator {shorten(generation.generator)}"]
-    if not isinstance(gap, (int, float)) or isinstance(gap, bool) or not 0.0 <= gap <= 1.0:
-        return [f"--gap: must be in [0, 1] (0 = the real domain, 1 = the full shift), got {shorten(gap)}"]
-    return []
+    """--gap and --collapse (flags or preset keys): options of the shapes generator, in [0, 1]."""
+    generation, p = settings.generation, []
+    for key, what, meaning in (("gap", "a domain gap", "0 = the real domain, 1 = the full shift"),
+                               ("collapse", "a diversity collapse",
+                                "0 = as diverse as the real domain, 1 = a few modes per class")):
+        if key not in generation.generator_options:
+            continue
+        v = generation.generator_options[key]
+        if generation.generator != GAP_GENERATOR:
+            p.append(f"--{key}: only --generator {GAP_GENERATOR} has {what}; drop --{key} for "
+                     f"--generator {shorten(generation.generator)}")
+        elif not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
+            p.append(f"--{key}: must be in [0, 1] ({meaning}), got {shorten(v)}")
+    return p
 
 
 def _label(section: str):
@@ -229,14 +237,19 @@ def _label(section: str):
 def _config_problems(settings) -> list[str]:
     """TrainConfig.validate and GenerationConfig.validate on what the search will run, with this
     command's names (the task, the storage and the alpha grid are checked elsewhere)."""
-    from regft.search import generation_config, trial_config  # loaded by main() already
+    from regft.generate import generator_setting_problems  # loaded by main() already
+    from regft.search import generation_config, trial_config
 
     problems = []
     if settings.train.num_workers > 0:  # else reported by the flag table (and GPUs / 0 workers)
         trial = trial_config(settings, alpha_grid=[0.0, 1.0])  # the space's grid: checked with it
         problems += trial.validate(_label("train"))
-    problems += generation_config(settings).validate(_label("generation"))
-    return [p for p in problems if not p.startswith("task")]
+    generation = generation_config(settings)
+    generation_problems = generation.validate(_label("generation"))
+    if not [p for p in generation_problems if not p.startswith("task")]:
+        # what the model's pipeline cannot take (a scheduler, guidance, a size), named by flag
+        generation_problems += generator_setting_problems(generation, _label("generation"))
+    return [p for p in problems + generation_problems if not p.startswith("task")]
 
 
 def _reported(problem: str, reported: list[str]) -> bool:

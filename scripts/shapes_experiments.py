@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/shapes_experiments.py --gap 0.5 --lr 1e-3 --seeds 0 1 2
     .venv/bin/python scripts/shapes_experiments.py --gap 0 0.5 1 --vc-weight 0 0.16 --json out.jsonl
+    .venv/bin/python scripts/shapes_experiments.py --gap 0.5 --collapse 0 1 --vc-weight 0 0.16 1.6
 
 Single process, the production training loop: `regft.loop.fit` (the epochs, the best-epoch
 rule, the lr schedule and the alpha choice of the Ray Train worker, regft.train) with the
@@ -10,7 +11,7 @@ images rendered in memory instead of a stored dataset, the rendered real test sp
 summary. Runs the cartesian product of the list arguments; prints one JSON line per run and a
 mean / [min, max] summary per setting (docs/shapes-testbed.md).
 
-Per run (seed s): generate `images_per_class` images per class with ShapesGenerator(gap), item
+Per run (seed s): generate `images_per_class` images per class with ShapesGenerator(gap, collapse), item
 seeds from regft.prompts.make_items(base_seed=s), split into train / generated val by the
 store's rule (regft.store.split_of, 10 %); `fit` with seed s (shuffle and augmentation); alpha
 is chosen on generated val by the knee rule (TrainConfig's default); the real test curve is
@@ -34,7 +35,7 @@ from regft import shapes
 from regft.engine import EvalSet, evaluate, select_alpha, split_clip_transform
 from regft.ensemble import alpha_grid, interpolate
 from regft.loop import ArrayImages, fit
-from regft.metrics import diversity_scores
+from regft.metrics import diversity_direction, diversity_scores
 from regft.models import build_classifier, create_clip
 from regft.prompts import make_items
 from regft.store import split_of
@@ -44,11 +45,11 @@ GENERATED_RESOLUTION = 32  # the shipped shapes CLIP's input size: rendered at n
 VAL_FRACTION = TrainConfig.val_fraction  # the store's generated-val share
 
 
-def generated_split(gap: float, images_per_class: int, seed: int):
+def generated_split(gap: float, collapse: float, images_per_class: int, seed: int):
     """(train_images, train_labels, val_images, val_labels): uint8 (N, H, W, 3) and int arrays."""
     task = shapes.shapes_task()
     items = make_items(task.name, task.gen_names, task.generation_template, images_per_class, seed)
-    gen = shapes.ShapesGenerator(GENERATED_RESOLUTION, gap)
+    gen = shapes.ShapesGenerator(GENERATED_RESOLUTION, gap, collapse)
     imgs = gen.generate([i.prompt for i in items], [i.seed for i in items],
                         [i.label for i in items], [i.classname for i in items])
     out = {"train": ([], []), "val": ([], [])}
@@ -59,19 +60,37 @@ def generated_split(gap: float, images_per_class: int, seed: int):
     return tuple(x for s in ("train", "val") for x in (np.stack(out[s][0]), np.array(out[s][1])))
 
 
-def real_diversity(model, theta_0, theta_1, test: EvalSet, eval_tf) -> dict:
-    """Diversity of the real test split's embeddings at alpha 0 and 1 (the VC section's columns)."""
+def within_class_direction(feats: torch.Tensor, labels: list[int]) -> float:
+    """Mean over classes of the direction diversity of one class's features: what a collapse of
+    the images of one prompt lowers (the all-class score is dominated by the class differences)."""
+    y = torch.as_tensor(labels)
+    return statistics.mean(diversity_direction(feats[y == c]) for c in y.unique())
+
+
+def real_diversity(model, theta_0, theta_1, test: EvalSet, eval_tf, alphas) -> dict:
+    """Diversity of the real test split's embeddings at each alpha (the VC section's columns)."""
     out = {}
-    for alpha in (0.0, 1.0):
+    for alpha in alphas:
         model.load_state_dict(interpolate(theta_0, theta_1, alpha))
-        feats = evaluate(model, test.batches("cpu", eval_tf.mean, eval_tf.std)).features
-        out.update({f"real_{k}@{alpha:g}": v for k, v in diversity_scores(feats).items()})
-        out[f"real_norm@{alpha:g}"] = feats.norm(dim=-1).mean().item()
+        res = evaluate(model, test.batches("cpu", eval_tf.mean, eval_tf.std))
+        out.update({f"real_{k}@{alpha:g}": v for k, v in diversity_scores(res.features).items()})
+        out[f"real_within_direction@{alpha:g}"] = within_class_direction(res.features,
+                                                                         test.dataset.labels)
+        out[f"real_norm@{alpha:g}"] = res.features.norm(dim=-1).mean().item()
     return out
 
 
-def run_one(bundle, pretrained: dict, cfg: TrainConfig, gap: float, images_per_class: int,
-            test: EvalSet, gen: tuple) -> dict:
+def generated_diversity(model, theta_0, images: ArrayImages, eval_tf, batch_size: int) -> dict:
+    """Within-class direction diversity of the generated train images as the pretrained CLIP sees
+    them: how much the collapse knob took away, before any fine-tuning."""
+    model.load_state_dict(theta_0)
+    res = evaluate(model, EvalSet(images, batch_size=batch_size).batches("cpu", eval_tf.mean,
+                                                                          eval_tf.std))
+    return {"gen_within_direction@0": within_class_direction(res.features, images.labels)}
+
+
+def run_one(bundle, pretrained: dict, cfg: TrainConfig, gap: float, collapse: float,
+            images_per_class: int, test: EvalSet, gen: tuple) -> dict:
     t0 = time.time()
     bundle.model.load_state_dict(pretrained)  # the classifier shares (and trains) .visual
     model = build_classifier(bundle, shapes.shapes_task())
@@ -86,7 +105,8 @@ def run_one(bundle, pretrained: dict, cfg: TrainConfig, gap: float, images_per_c
     rules = {r: select_alpha(gen_val, r, n_val=len(va_y)) for r in ("knee", "1se", "argmax")}
     oracle = max(real, key=lambda a: (real[a], -a))
     return {
-        "gap": gap, "lr": cfg.lr, "epochs": cfg.epochs, "images_per_class": images_per_class,
+        "gap": gap, "collapse": collapse, "lr": cfg.lr, "epochs": cfg.epochs,
+        "images_per_class": images_per_class,
         "vc_weight": cfg.vc_weight, "vc_cov_ratio": cfg.vc_cov_ratio, "seed": cfg.seed,
         "zs_real": real[0.0], "ft_real": real[1.0], "zs_gen_val": dict(gen_val)[0.0],
         "ft_gen_val": dict(gen_val)[1.0], "best_epoch": result.best_epoch, "n_gen_val": len(va_y),
@@ -95,7 +115,10 @@ def run_one(bundle, pretrained: dict, cfg: TrainConfig, gap: float, images_per_c
         "oracle_alpha": oracle, "oracle_real": real[oracle],
         "train_log": [{"epoch": e.epoch, **e.stats.mean, **e.accuracy} for e in result.epochs],
         "curve": [{"alpha": a, "gen_val": v, "real_test": real[a]} for a, v in gen_val],
-        **real_diversity(model, result.theta_0, result.theta_1, test, eval_tf),
+        **real_diversity(model, result.theta_0, result.theta_1, test, eval_tf,
+                         sorted({0.0, rules["knee"], 1.0})),
+        **generated_diversity(model, result.theta_0, ArrayImages(tr_x, tr_y, eval_tf.pil), eval_tf,
+                              cfg.eval_batch_size),
         "total_s": round(time.time() - t0, 1),
     }
 
@@ -126,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/shapes_experiments.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="open_clip model name (default: shipped shapes CLIP)")
     p.add_argument("--gap", type=float, nargs="+", default=[1.0])
+    p.add_argument("--collapse", type=float, nargs="+", default=[0.0],
+                   help="diversity collapse of the generated images in [0, 1] (ShapesGenerator)")
     p.add_argument("--lr", type=float, nargs="+", default=[3e-4])
     p.add_argument("--epochs", type=int, nargs="+", default=[13], help="13 x 11 steps ~ 150 steps")
     p.add_argument("--batch-size", type=int, default=128)
@@ -150,20 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     eval_tf = split_clip_transform(bundle.preprocess_eval)
     test_imgs, test_y = shapes.render_real_test(args.test_per_class, shapes.REAL_TEST_SEED)
     test = EvalSet(ArrayImages(test_imgs, test_y, eval_tf.pil))  # decoded once, reused by every run
-    grid_keys = ["gap", "lr", "epochs", "images_per_class", "vc_weight", "vc_cov_ratio"]
-    grid = list(itertools.product(args.gap, args.lr, args.epochs, args.images_per_class,
-                                  args.vc_weight, args.vc_cov_ratio))
+    grid_keys = ["gap", "collapse", "lr", "epochs", "images_per_class", "vc_weight", "vc_cov_ratio"]
+    grid = list(itertools.product(args.gap, args.collapse, args.lr, args.epochs,
+                                  args.images_per_class, args.vc_weight, args.vc_cov_ratio))
     gen_cache: dict = {}
     rows = []
-    for (gap, lr, epochs, per_class, vc_weight, vc_ratio), seed in itertools.product(grid, args.seeds):
+    for (gap, collapse, lr, epochs, per_class, vc_weight, vc_ratio), seed in \
+            itertools.product(grid, args.seeds):
         cfg = TrainConfig(task="shapes", model=model_name, pretrained=None, lr=lr,
                           batch_size=args.batch_size, epochs=epochs, warmup_steps=args.warmup,
                           vc_weight=vc_weight, vc_cov_ratio=vc_ratio,
                           alpha_grid=alpha_grid(args.alpha_step), seed=seed)
-        key = (gap, per_class, seed)
+        key = (gap, collapse, per_class, seed)
         if key not in gen_cache:
             gen_cache[key] = generated_split(*key)
-        row = run_one(bundle, pretrained, cfg, gap, per_class, test, gen_cache[key])
+        row = run_one(bundle, pretrained, cfg, gap, collapse, per_class, test, gen_cache[key])
         rows.append(row)
         if args.json:
             with open(args.json, "a", encoding="utf-8") as f:

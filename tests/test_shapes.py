@@ -170,3 +170,182 @@ def test_full_pretraining_reproduces_shipped_checkpoint(tmp_path):
     assert mod.main(["--steps", str(steps), "--out", str(out), "--log-every", "0"]) == 0
     got = float(re.search(r"\*\*([0-9.]+)\*\*", (out / "MADE.md").read_text()).group(1))
     assert abs(got - recorded) <= 0.01, (got, recorded)
+
+
+# ------------------------------------------------------------- diversity collapse ----
+
+# What the shapes generator made before the collapse knob existed (commit 58af9db), recomputed
+# here: the dataset id of every shipped testbed setting (the smoke preset, seeds 0-4, and the
+# gaps of docs/shapes-testbed.md's figures) and hashes of the pixels. collapse=0 must keep them.
+SHIPPED_IDS = {
+    ("seed", 0): "shapes-4c40ec2cbb18b9ce", ("seed", 1): "shapes-4a07ac53a5008d89",
+    ("seed", 2): "shapes-70e14cada8c604c6", ("seed", 3): "shapes-a547a792a89e3012",
+    ("seed", 4): "shapes-f92ae66610c38c08", ("gap", 0.0): "shapes-03d915b7f01d13be",
+    ("gap", 0.5): "shapes-4c40ec2cbb18b9ce", ("gap", 0.75): "shapes-4b9abac354d914eb",
+    ("gap", 1.0): "shapes-09be0120c078e10e",
+}
+PIXELS_SHA256 = "aa31d47ec993eb00c29eced7a8abc8e46fdaf90c70481afd069827360f14d0eb"
+REAL_TEST_SHA256 = "d8f8a5ccc619112df6ff56c89a8195bd93e47402a4f6419a78214fa869fff3d9"
+HARNESS_SEED0_SHA256 = "5e5022d4784209f10b579e7a999aa53fd7457def52014529d38aaa3ff8acfd1a"
+
+
+def _preset_dataset_id(tmp_path, extra: dict) -> str:
+    from regft import search
+    from regft.generate import plan_dataset
+    from regft.tune import preset_file
+
+    values = {"task": "shapes", "storage": str(tmp_path / "store"), **extra}
+    settings = search.settings_from(values, preset_file("smoke", "shapes"))
+    return plan_dataset(search.generation_config(settings)).dataset_id
+
+
+def test_collapse_zero_reproduces_every_shipped_dataset_id_and_pixel(tmp_path):
+    import hashlib
+
+    from regft.prompts import make_items
+
+    for explicit in ({}, {"generation.generator_options.collapse": 0.0}):
+        for (kind, v), want in SHIPPED_IDS.items():
+            key = "seed" if kind == "seed" else "generation.generator_options.gap"
+            assert _preset_dataset_id(tmp_path, {key: v, **explicit}) == want, (kind, v, explicit)
+    h = hashlib.sha256()
+    for gap in (0.0, 0.5, 1.0):
+        for name in shapes.TASK_CLASSES:
+            for seed in (0, 7, 123456789):
+                h.update(shapes.render(name, seed, gap, collapse=0.0).tobytes())
+    assert h.hexdigest() == PIXELS_SHA256
+    imgs, labels = shapes.render_real_test()
+    assert hashlib.sha256(imgs.tobytes() + labels.tobytes()).hexdigest() == REAL_TEST_SHA256
+    task = shapes.shapes_task()  # the harness's gap-0.5 seed-0 dataset (the headline rows)
+    items = make_items(task.name, task.gen_names, task.generation_template, 100, 0)
+    gen = shapes.ShapesGenerator(32, 0.5, collapse=0)
+    h = hashlib.sha256()
+    for a in gen.generate([i.prompt for i in items], [i.seed for i in items],
+                          [i.label for i in items], [i.classname for i in items]):
+        h.update(a.tobytes())
+    assert h.hexdigest() == HARNESS_SEED0_SHA256
+    assert "collapse" not in gen.identity()
+
+
+def test_collapse_enters_the_identity_and_the_dataset_id(tmp_path):
+    ids = {c: _preset_dataset_id(tmp_path, {"generation.generator_options.collapse": c})
+           for c in (0.0, 0.5, 1, 1.0)}
+    assert ids[0.0] == SHIPPED_IDS[("seed", 0)]
+    assert len({ids[0.0], ids[0.5], ids[1.0]}) == 3 and ids[1] == ids[1.0]
+    assert shapes.ShapesGenerator(32, 0.5, 0.25).identity()["collapse"] == 0.25
+
+
+def _nuisances(name: str, seed: int, collapse: float) -> tuple:
+    d = shapes._collapse_draws(shapes._draw(shapes._rng(name, seed), 32), name, seed, collapse, 32)
+    return d, tuple(np.round(np.concatenate([np.ravel(getattr(d, f)) for f in d.__dataclass_fields__
+                                             if f != "noise"]), 9))
+
+
+def test_full_collapse_leaves_a_few_modes_per_class_and_keeps_the_pixel_noise():
+    """At 1 every nuisance but the pixel noise comes from one of COLLAPSE_MODES per class,
+    chosen by the image (every mode in use); at 0 every image has its own; in between the
+    nuisances are nearer the mode, and the noise is always the image's own."""
+    seeds = range(60)
+    for name in shapes.TASK_CLASSES[:4]:
+        full = {_nuisances(name, s, 1.0)[1] for s in seeds}
+        assert len(full) == shapes.COLLAPSE_MODES
+        assert len({_nuisances(name, s, 0.0)[1] for s in seeds}) == len(seeds)
+        for s in seeds[:5]:
+            free, half = _nuisances(name, s, 0.0)[0], _nuisances(name, s, 0.5)[0]
+            assert np.array_equal(free.noise, half.noise)
+            mode = _nuisances(name, s, 1.0)[0]
+            assert np.isclose(half.r_real, (free.r_real + mode.r_real) / 2)
+    # the modes are the class's (the prompt's), not a seed's: other classes have other modes
+    assert not {_nuisances("red circle", s, 1.0)[1] for s in seeds} & \
+        {_nuisances("cyan circle", s, 1.0)[1] for s in seeds}
+
+
+def test_collapse_makes_near_duplicates_within_a_class_not_another_class():
+    """Collapse is about near-duplicates: the distance from an image to its nearest other image of
+    the class falls with collapse, down to the pixel noise at 1. (The mean pairwise spread does
+    not fall monotonically: the modes are typical draws, docs/shapes-testbed.md.)"""
+    def nearest_neighbour(collapse: float) -> float:
+        out = []
+        for name in shapes.TASK_CLASSES[:3]:
+            x = np.stack([shapes.render(name, s, 0.5, collapse=collapse) for s in range(30)])
+            x = x.reshape(30, -1).astype(float) / 255
+            d = np.sqrt(((x[:, None] - x[None]) ** 2).mean(-1))
+            np.fill_diagonal(d, np.inf)
+            out.append(d.min(axis=1).mean())
+        return float(np.mean(out))
+
+    nn = [nearest_neighbour(c) for c in (0.0, 0.5, 1.0)]
+    assert nn[0] > nn[1] > nn[2] and nn[2] < 0.4 * nn[0], nn
+    # the object keeps its class colour at full collapse
+    img = shapes.render("blue triangle", 3, 0.0, collapse=1.0).astype(float) / 255
+    blue = (img[..., 2] > img[..., 0] + 0.3) & (img[..., 2] > img[..., 1] + 0.3)
+    assert blue.sum() > 20
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), float("inf"), "0.5", True, None])
+def test_collapse_outside_0_1_is_refused_naming_it(bad):
+    from regft.generators import make_generator
+
+    with pytest.raises(ValueError, match="collapse must be in"):
+        shapes.ShapesGenerator(32, 0.5, collapse=bad)
+    with pytest.raises(ValueError, match="collapse must be in"):
+        shapes.render("red circle", 0, 0.5, collapse=bad)
+    with pytest.raises(ValueError, match="collapse must be in"):
+        make_generator("shapes", resolution=32, steps=1, guidance=0.0, options={"collapse": bad})
+
+
+@pytest.fixture
+def no_ray_workdir(tmp_path, monkeypatch, regft_cache):
+    from regft import raylocal
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started: the bad input was not refused up front")
+
+    monkeypatch.setattr(raylocal, "init", no_ray)
+    return tmp_path
+
+
+TUNE_SHAPES = ["shapes", "--preset", "smoke", "--storage", "store", "--tracking-uri",
+               "sqlite:///mlflow.db"]
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--collapse", "1.5"], "--collapse: must be in [0, 1]"),
+    (["--collapse", "-0.5"], "--collapse: must be in [0, 1]"),
+    (["--collapse", "nan"], "argument --collapse"),
+    (["--collapse", "inf"], "argument --collapse"),
+    (["--collapse", "abc"], "argument --collapse"),
+    (["--generator", "tiny", "--collapse", "0.5"], "--collapse: only --generator shapes"),
+])
+def test_tune_refuses_a_bad_collapse_before_ray(argv, named, no_ray_workdir, capsys):
+    from regft import tune
+
+    rc = tune.main([*TUNE_SHAPES, *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and "Traceback" not in err and len(err) < 500, err[-1500:]
+    assert not (no_ray_workdir / "store").exists()
+
+
+@pytest.mark.parametrize("value", ["1.5", ".nan", ".inf", "'half'", "true"])
+def test_a_bad_collapse_in_a_preset_is_refused_naming_it(value, tmp_path, monkeypatch):
+    from regft import search, tune
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("generation:\n  generator: shapes\n  generator_options:\n"
+                      f"    collapse: {value}\n", encoding="utf-8")
+    settings = search.settings_from({"task": "shapes", "storage": str(tmp_path / "s")}, preset)
+    problems = tune.flag_problems(settings)
+    assert any(p.startswith("--collapse: must be in [0, 1]") for p in problems), problems
+
+
+def test_generate_refuses_a_bad_collapse_option(tmp_path, capsys, regft_cache):
+    from regft import generate
+
+    rc = generate.main(["shapes", "--generator", "shapes", "--generator-option", "collapse=2",
+                        "--store", str(tmp_path / "store"), "--images-per-class", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "collapse must be in [0, 1]" in err and "Traceback" not in err, err[-1500:]
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
