@@ -53,7 +53,16 @@ from regft.config import (
     non_finite_fields,
     seed_problem,
 )
-from regft.generators import DTYPES, PAPER_GENERATOR, make_generator, native_resolution
+from regft.generators import (
+    BUILTIN_GENERATORS,
+    DEFAULT_SCHEDULER,
+    DTYPES,
+    PAPER_GENERATOR,
+    GeneratorSettingsError,
+    make_generator,
+    native_resolution,
+    scheduler_class,
+)
 from regft.prompts import PROMPT_STRATEGIES, Item, make_items
 from regft.shapes import parse_classname
 from regft.tasks import Task, TaskError, resolve_task
@@ -92,6 +101,8 @@ class GenerationConfig:
     output_size: int | None = None  # None: 224 for SD models (method.md), else = resolution
     steps: int = 50
     guidance: float = 5.0
+    # 'default' (the model's own) or a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler
+    scheduler: str = DEFAULT_SCHEDULER
     batch_size: int = 8  # images per inference call on one actor (not part of the dataset id)
     seed: int = 0  # base seed; per-image seeds derive from (task, class, index, seed)
     prompt_strategy: str = "paper"
@@ -135,6 +146,9 @@ class GenerationConfig:
             p.append(f"{n('dtype')}: unknown {shorten(self.dtype)}; choose from {', '.join(DTYPES)}")
         if not self.generator:
             p.append(f"{n('generator')} must not be empty; e.g. {PAPER_GENERATOR} or tiny")
+        if not isinstance(self.scheduler, str) or not self.scheduler.strip():
+            p.append(f"{n('scheduler')} must be {DEFAULT_SCHEDULER} or a diffusers scheduler class "
+                     f"name (e.g. DPMSolverMultistepScheduler), got {shorten(self.scheduler)}")
         return p
 
     def _size_problems(self, n: Callable[[str], str]) -> list[str]:
@@ -155,7 +169,7 @@ class GenerationConfig:
     def effective_output_size(self) -> int:
         if self.output_size:
             return self.output_size
-        if self.generator in ("tiny", "shapes"):
+        if self.generator in BUILTIN_GENERATORS:  # saved at their native size
             return self.effective_resolution()
         return PAPER_OUTPUT_SIZE
 
@@ -289,12 +303,12 @@ class ShardWorker:
 
     def __init__(self, generator: str, resolution: int, steps: int, guidance: float, dtype: str,
                  options: dict, device: str, threads: int, dataset_path: str, output_size: int,
-                 batch_size: int, fault: dict | None = None):
+                 batch_size: int, fault: dict | None = None, scheduler: str = DEFAULT_SCHEDULER):
         if device == "cpu":
             torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor
         self.generator = make_generator(generator, resolution=resolution, steps=steps,
                                         guidance=guidance, device=device, dtype=dtype,
-                                        options=options)
+                                        scheduler=scheduler, options=options)
         load = getattr(self.generator, "load", None)
         if callable(load):
             load()  # pay the pipeline load at actor start, not inside the first shard
@@ -397,9 +411,10 @@ def request_items(cfg: GenerationConfig, task: Task) -> list[Item]:
                   key=lambda it: it.item_id)
 
 
-def check_request(cfg: GenerationConfig):
-    """Validate a request; returns (task, generator) or raises UserError with every problem."""
-    problems = list(cfg.validate())
+def check_request(cfg: GenerationConfig, label: Callable[[str], str] | None = None):
+    """Validate a request; returns (task, generator) or raises UserError with every problem.
+    `label` names a field as the command in use sets it (GenerationConfig.validate)."""
+    problems = list(cfg.validate(label))
     task = None
     if cfg.task or cfg.classnames_file:
         try:
@@ -412,22 +427,65 @@ def check_request(cfg: GenerationConfig):
             problems.append(err)
     generator = None
     # the generator is only built when its own fields are valid (else its error repeats them)
-    if not any(p.startswith(("resolution", "steps", "dtype", "generator")) for p in problems):
-        try:
-            generator = make_generator(cfg.generator, resolution=cfg.effective_resolution(),
-                                       steps=cfg.steps, guidance=cfg.guidance, device="cpu",
-                                       dtype=cfg.dtype, options=cfg.generator_options)
-        except (ValueError, TypeError, RuntimeError, ImportError) as e:
-            # WeightsUnavailable is a RuntimeError: reported as one line, no traceback
-            msg = str(e)
-            msg = msg if msg.startswith("generator") else f"generator {shorten(cfg.generator)}: {msg}"
-            options = [k for k in cfg.generator_options if str(k) in msg]
-            if options:  # an option the generator refused: say where it came from
-                msg += f" (set by --generator-option {options[0]}=...)"
-            problems.append(msg)
+    fields = ("resolution", "steps", "dtype", "generator", "scheduler")
+    if not any(p.startswith(fields) for p in problems):
+        generator, refused = build_generator(cfg, label)
+        problems += refused
+    elif _unknown_scheduler(cfg.scheduler):  # known without the model: say it now too
+        problems.append(f"{(label or generate_label)('scheduler')}: {shorten(cfg.scheduler)} is not "
+                        f"a diffusers scheduler class; give {DEFAULT_SCHEDULER} or e.g. "
+                        "DPMSolverMultistepScheduler")
     if problems:
         raise UserError(problems)
     return task, generator
+
+
+def _unknown_scheduler(name) -> bool:
+    named = isinstance(name, str) and name.strip() and name != DEFAULT_SCHEDULER
+    return bool(named) and scheduler_class(name) is None
+
+
+def request_generator(cfg: GenerationConfig, device: str = "cpu"):
+    """The generator a request describes (make_generator with the request's settings)."""
+    return make_generator(cfg.generator, resolution=cfg.effective_resolution(), steps=cfg.steps,
+                          guidance=cfg.guidance, device=device, dtype=cfg.dtype,
+                          scheduler=cfg.scheduler, options=cfg.generator_options)
+
+
+def _refused(e: GeneratorSettingsError, label: Callable[[str], str] | None) -> list[str]:
+    n = label or generate_label
+    return [f"{n(name)}: {problem} (generator {shorten(e.generator)})" for name, problem in e.settings]
+
+
+def build_generator(cfg: GenerationConfig, label: Callable[[str], str] | None = None):
+    """(the request's generator, []) or (None, its problems): settings the model's pipeline
+    cannot take, each named by `label` (default: this module's flags); a model that cannot be
+    found or loaded, in one line."""
+    try:
+        return request_generator(cfg), []
+    except GeneratorSettingsError as e:
+        return None, _refused(e, label)
+    except (ValueError, TypeError, RuntimeError, ImportError) as e:
+        # WeightsUnavailable is a RuntimeError: reported as one line, no traceback
+        msg = str(e)
+        msg = msg if msg.startswith("generator") else f"generator {shorten(cfg.generator)}: {msg}"
+        options = [k for k in cfg.generator_options if str(k) in msg]
+        if options:  # an option the generator refused: say where it came from
+            msg += f" (set by --generator-option {options[0]}=...)"
+        return None, [msg]
+
+
+def generator_setting_problems(cfg: GenerationConfig, label: Callable[[str], str] | None = None
+                               ) -> list[str]:
+    """Only the settings the model's pipeline cannot take (build_generator's first kind); a model
+    that cannot be found says nothing here (regft.plan prices such a model with random weights)."""
+    try:
+        request_generator(cfg)
+    except GeneratorSettingsError as e:
+        return _refused(e, label)
+    except (ValueError, TypeError, RuntimeError, ImportError):
+        pass  # reported where the model is needed
+    return []
 
 
 @dataclass(frozen=True)
@@ -617,7 +675,7 @@ def _run_pipeline(cfg, identity, path, shards, pending, fault):
     """Run the Ray Data job over the pending shards; returns [(record, runtime json, arrival)]."""
     plan = plan_actors(cfg, ray.cluster_resources(), _cluster_cpus_per_node(ray), len(pending))
     options = dict(cfg.generator_options)
-    if identity.get("generator") == "diffusers" and cfg.generator != "tiny" \
+    if identity.get("generator") == "diffusers" and cfg.generator not in BUILTIN_GENERATORS \
             and not os.path.isdir(cfg.generator):
         options["revision"] = identity["revision"]  # every actor loads the commit the id names
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
@@ -637,7 +695,7 @@ def _run_pipeline(cfg, identity, path, shards, pending, fault):
                 generator=cfg.generator, resolution=cfg.effective_resolution(), steps=cfg.steps,
                 guidance=cfg.guidance, dtype=cfg.dtype, options=options, device=plan.device,
                 threads=plan.threads, dataset_path=path, output_size=cfg.effective_output_size(),
-                batch_size=cfg.batch_size, fault=fault),
+                batch_size=cfg.batch_size, fault=fault, scheduler=cfg.scheduler),
             # Ray Data's actor defaults (max_restarts=-1, max_task_retries=-1) replace a dead
             # actor and retry its shard; 2.60 deprecates passing other values here.
             runtime_env={"env_vars": env} if env else None,
@@ -704,7 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-size", type=int, help="saved image size, bicubic (default: 224 for "
                    "SD models, else the resolution)")
     p.add_argument("--steps", type=int, help=f"denoising steps (default {d.steps})")
-    p.add_argument("--guidance", type=finite_float, help=f"classifier-free guidance (default {d.guidance})")
+    p.add_argument("--guidance", type=finite_float, help=f"classifier-free guidance (default "
+                   f"{d.guidance}; <= 1 turns it off: Turbo models take 0)")
+    p.add_argument("--scheduler", help=f"{DEFAULT_SCHEDULER} (the model's own, the default) or a "
+                   "diffusers scheduler class the model can use, e.g. DPMSolverMultistepScheduler")
     p.add_argument("--batch-size", type=int, help=f"images per inference call (default {d.batch_size})")
     p.add_argument("--store", help="dataset store folder or URI (default $REGFT_STORE or ./regft_data)")
     p.add_argument("--seed", type=int, help=f"base seed (default {d.seed})")
@@ -722,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's own output (workers' logs); the full log is written either way")
     p.add_argument("--no-samples", action="store_true", help="do not write samples.png")
+    p.add_argument("--json", metavar="PATH", help="also write the result to this file as JSON: "
+                   '{"dataset", "dataset_id", "images", "generated"} (generated: images made by '
+                   "this call, 0 when the dataset existed)")
     return p
 
 
@@ -756,15 +820,49 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
-    task, _ = check_request(cfg)  # the fields, the class names, the store, the generator: before Ray
-    size_problems = request_size_problems(cfg, task)
-    if size_problems:
-        raise UserError(size_problems)
+    problems = json_path_problems(args.json)
+    try:  # the fields, the class names, the store, the generator: before Ray
+        task, _ = check_request(cfg)
+    except UserError as e:
+        raise UserError(problems + e.problems) from None
+    problems += request_size_problems(cfg, task)
+    if problems:
+        raise UserError(problems)
     with console.session(verbose=args.verbose):  # a full log; the terminal: the bar, the result
-        return _generate_and_print(cfg, args.verbose)
+        return _generate_and_print(cfg, args.verbose, args.json)
 
 
-def _generate_and_print(cfg: GenerationConfig, verbose: bool) -> int:
+def json_path_problems(path: str | None) -> list[str]:
+    """Why the --json result file could not be written (checked before any work), if it could not."""
+    if path is None or not path.strip():  # an empty value: reported by empty_value_problems
+        return []
+    if st.is_uri(path):
+        return [f"--json {shorten(path)}: give a local file path"]
+    if os.path.isdir(path):
+        return [f"--json {shorten(path)} is a folder; give a file path, e.g. "
+                f"{os.path.join(path, 'result.json')}"]
+    problem = st.check_writable(os.path.dirname(os.path.abspath(path)), flag="--json")
+    return [problem] if problem else []
+
+
+def result_json(res: GenerationResult) -> dict:
+    """What --json writes: where the dataset is, its id, its images and how many this call made."""
+    return {"dataset": res.path, "dataset_id": res.dataset_id, "images": res.total,
+            "generated": res.generated}
+
+
+def write_result_json(path: str, res: GenerationResult) -> None:
+    """The --json file, written whole or not at all (a reader never sees half a file)."""
+    target = os.path.abspath(path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result_json(res), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, target)
+
+
+def _generate_and_print(cfg: GenerationConfig, verbose: bool, json_path: str | None = None) -> int:
     started_here = not ray.is_initialized()
     try:
         raylocal.init(quiet=not verbose)  # --verbose: Ray's own logging and the workers' output
@@ -781,6 +879,9 @@ def _generate_and_print(cfg: GenerationConfig, verbose: bool) -> int:
     print(f"manifest: {st.join(res.path, st.MANIFEST)}")
     if cfg.samples:
         print(f"samples: {st.join(res.path, st.SAMPLES)}")
+    if json_path:
+        write_result_json(json_path, res)
+        print(f"result: {json_path}")
     sys.stdout.flush()
     return 0
 

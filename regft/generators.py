@@ -1,11 +1,20 @@
 """Text-to-image generators behind one small protocol (assembly ring: single process, no Ray).
 
 `make_generator(name, ...)` returns an `ImageGenerator`:
-- `tiny`: the offline tiny Stable Diffusion pipeline (regft.tiny_diffusion), materialised once
-  under REGFT_CACHE and loaded with `from_pretrained(..., local_files_only=True)`.
+- `tiny`, `tiny-sdxl`: offline tiny Stable Diffusion / SDXL pipelines (regft.tiny_diffusion),
+  materialised once under REGFT_CACHE and loaded like any saved folder (below).
 - `shapes`: the procedural testbed (`regft.shapes.ShapesGenerator`), pure numpy.
-- anything else: a diffusers model id (e.g. stabilityai/stable-diffusion-2-1-base) or a folder
-  saved with `save_pretrained`, loaded with `StableDiffusionPipeline.from_pretrained`.
+- anything else: a diffusers model id (SD 1.5 / 2.1, SDXL, SD-/SDXL-Turbo, ...) or a folder saved
+  with `save_pretrained`, loaded with `AutoPipelineForText2Image.from_pretrained`, which picks the
+  text-to-image pipeline class from the model's model_index.json.
+
+What a pipeline takes is read from the model's small config files before any weights load
+(`PipelineFacts`: its pipeline class, scheduler, VAE factor), so a setting it cannot take (a
+scheduler it cannot use, guidance for a pipeline without it, a size the VAE cannot encode) is
+refused when the generator is made (`GeneratorSettingsError`, each problem naming its
+GenerationConfig field). Pipeline-specific inputs are the pipeline's own: SDXL derives its size
+conditioning (original/target size, the added time ids) from height and width; guidance <= 1
+turns classifier-free guidance off (Turbo models: --guidance 0).
 - option `weights: random` (regft.tune --weights random): the model's real architecture from the
   configs shipped in regft (regft.realsize; SD 2.1-base), seeded random weights, no download;
   the dataset's identity says so (its revision and `weights`), so it never passes for real images.
@@ -29,7 +38,10 @@ driver can compute `identity()` without loading a 5 GB pipeline.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -38,9 +50,10 @@ import torch
 from huggingface_hub import model_info
 
 from regft import realsize, shapes
+from regft.cli import shorten
 from regft.errors import UserError, WeightsUnavailable
 from regft.hub import hub_reachable
-from regft.tiny_diffusion import TINY_RESOLUTION, TINY_SD_VERSION, materialize_tiny_pipeline
+from regft.tiny_diffusion import TINY_RESOLUTION, TINY_VARIANTS, materialize_tiny_pipeline
 
 # diffusers is imported where a pipeline is located or loaded: it takes seconds, and the driver
 # builds generators (shapes, identity checks) without ever loading one
@@ -48,8 +61,16 @@ from regft.tiny_diffusion import TINY_RESOLUTION, TINY_SD_VERSION, materialize_t
 PAPER_GENERATOR = "stabilityai/stable-diffusion-2-1-base"  # docs/method.md: SD 2.1-base
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 # generators with a native size; anything else is a real Stable Diffusion model, 512 px
-NATIVE_RESOLUTION = {"tiny": TINY_RESOLUTION, "shapes": shapes.RESOLUTION}
+NATIVE_RESOLUTION = {**{name: TINY_RESOLUTION for name in TINY_VARIANTS}, "shapes": shapes.RESOLUTION}
 DEFAULT_RESOLUTION = 512
+# generators built into regft (no weights to locate or download)
+BUILTIN_GENERATORS = (*TINY_VARIANTS, "shapes")
+DEFAULT_SCHEDULER = "default"  # the scheduler the model ships with
+# classifier-free guidance is on only for guidance_scale > 1 (diffusers' do_classifier_free_guidance)
+CFG_THRESHOLD = 1.0
+SCHEDULERS_LISTED = 6  # compatible schedulers named in a refusal
+# what regft passes every pipeline call (per-image generators, numpy output, the size and steps)
+REQUIRED_CALL_PARAMETERS = ("prompt", "height", "width", "num_inference_steps", "generator", "output_type")
 
 
 @runtime_checkable
@@ -108,12 +129,12 @@ def locate_diffusers_model(model: str, revision: str | None = None) -> tuple[str
                 "DiffusionPipeline.save_pretrained, a Hugging Face model id, or 'tiny'"
             )
         return os.path.abspath(model), folder_fingerprint(model)
-    from diffusers import StableDiffusionPipeline  # heavy: see the imports
+    from diffusers import DiffusionPipeline  # heavy: see the imports
 
     try:
         # diffusers' own resolver: returns the cached snapshot when every file from_pretrained
         # needs is present, raises otherwise. local_files_only: never a network call here.
-        folder = StableDiffusionPipeline.download(model, revision=revision, local_files_only=True)
+        folder = DiffusionPipeline.download(model, revision=revision, local_files_only=True)
         return str(folder), Path(folder).name  # snapshots/<commit hash>
     except Exception:  # not cached (any of several hub/diffusers error types): try the hub
         pass
@@ -121,7 +142,7 @@ def locate_diffusers_model(model: str, revision: str | None = None) -> tuple[str
         raise WeightsUnavailable(
             f"generator {model!r} is not in the Hugging Face cache and the hub cannot be reached "
             "(offline or HF_HUB_OFFLINE=1): download it once where there is network "
-            f"(python -c \"from diffusers import StableDiffusionPipeline as P; P.download('{model}')\")"
+            f"(python -c \"from diffusers import DiffusionPipeline as P; P.download('{model}')\")"
             " and copy the cache (HF_HOME), pass a local pipeline folder, or use --generator tiny"
         )
     try:
@@ -132,13 +153,174 @@ def locate_diffusers_model(model: str, revision: str | None = None) -> tuple[str
     return model, sha
 
 
+# ------------------------------------------------------ what a pipeline takes -----
+
+class GeneratorSettingsError(UserError):
+    """Generation settings the model's pipeline cannot take. `settings` holds (GenerationConfig
+    field, problem) pairs, so each command names the flag that sets the field."""
+
+    def __init__(self, generator: str, settings: list[tuple[str, str]]):
+        self.generator, self.settings = generator, list(settings)
+        super().__init__([f"{name}: {problem}" for name, problem in self.settings])
+
+
+@dataclass(frozen=True)
+class PipelineFacts:
+    """What a model's configs say about its pipeline, read without loading any weights."""
+
+    pipeline: str  # the text-to-image class AutoPipelineForText2Image loads for it
+    scheduler_class: str  # the scheduler the model ships with
+    scheduler_config: dict  # its config file (keys starting with '_' dropped)
+    vae_scale_factor: int  # pixels per latent: sizes must be multiples of it
+
+
+def _public(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _vae_factor(vae_config: dict | None) -> int:
+    # diffusers' own rule (pipelines' vae_scale_factor), 8 when the pipeline has no VAE config
+    blocks = (vae_config or {}).get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if blocks else 8
+
+
+def _facts(model: str, model_index: dict, scheduler: dict, vae: dict | None) -> PipelineFacts:
+    name = model_index.get("_class_name", "?")
+    cls = text2image_class(model, name)
+    return PipelineFacts(cls.__name__, scheduler.get("_class_name", "?"), _public(scheduler),
+                         _vae_factor(vae))
+
+
+def folder_facts(model: str, folder: str | Path) -> PipelineFacts:
+    """The facts of a saved pipeline folder (a local folder or a cached hub snapshot)."""
+    root = Path(folder)
+
+    def read(rel: str) -> dict | None:
+        f = root / rel
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+    return _facts(model, read("model_index.json") or {}, read("scheduler/scheduler_config.json") or {},
+                  read("vae/config.json"))
+
+
+def hub_facts(model: str, revision: str) -> PipelineFacts:
+    """The facts of a hub model at `revision`, from its three small config files."""
+    from huggingface_hub import hf_hub_download
+
+    def read(rel: str) -> dict | None:
+        try:
+            return json.loads(Path(hf_hub_download(model, rel, revision=revision)).read_text())
+        except Exception:  # a pipeline without that component (any of several hub error types)
+            return None
+
+    return _facts(model, read("model_index.json") or {}, read("scheduler/scheduler_config.json") or {},
+                  read("vae/config.json"))
+
+
+def random_facts(model: str) -> PipelineFacts:
+    """The facts of a shipped architecture (--weights random): realsize builds an SD pipeline."""
+    return _facts(model, {"_class_name": "StableDiffusionPipeline"},
+                  realsize.component_config(model, "scheduler"), realsize.component_config(model, "vae"))
+
+
+def text2image_class(model: str, class_name: str):
+    """The class AutoPipelineForText2Image.from_pretrained loads for a model_index `_class_name`
+    (its own lookup, so the identity names the class that really runs)."""
+    from diffusers.pipelines.auto_pipeline import (  # heavy: see the imports
+        AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+        _get_task_class,
+    )
+
+    cls = _get_task_class(AUTO_TEXT2IMAGE_PIPELINES_MAPPING, class_name, throw_error_if_not_exist=False)
+    if cls is None:
+        raise UserError(f"generator {shorten(model)}: its pipeline {shorten(class_name)} is not one "
+                        "diffusers' AutoPipelineForText2Image loads for text-to-image; pass a "
+                        "text-to-image model (SD 1.5 / 2.1, SDXL, SD-Turbo, ...) or --generator tiny")
+    return cls
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class called `name`, or None."""
+    import diffusers  # heavy: see the imports
+    from diffusers import SchedulerMixin
+
+    try:
+        cls = getattr(diffusers, name, None)
+    except Exception:  # a lazily imported scheduler whose optional dependency is missing
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else None
+
+
+def resolve_scheduler(name: str, facts: PipelineFacts) -> tuple[str | None, dict | None, str | None]:
+    """(class name, the config it runs with, problem): `default` is the model's own scheduler;
+    another name must be a diffusers scheduler its pipeline can use (the model scheduler's
+    `compatibles`), built from the model's config as `X.from_config(pipe.scheduler.config)` is."""
+    own = scheduler_class(facts.scheduler_class)
+    if own is None:
+        return None, None, (f"the model's own scheduler {shorten(facts.scheduler_class)} is not a "
+                            "diffusers scheduler class this diffusers knows")
+    base = dict(own.from_config(facts.scheduler_config).config)
+    if name == DEFAULT_SCHEDULER:
+        return own.__name__, _public(base), None
+    compatible = sorted({c.__name__ for c in own().compatibles} | {own.__name__})
+    more = " ..." if len(compatible) > SCHEDULERS_LISTED else ""
+    listed = ", ".join(compatible[:SCHEDULERS_LISTED]) + more
+    cls = scheduler_class(name)
+    if cls is None:
+        return None, None, (f"{shorten(name)} is not a diffusers scheduler class; give "
+                            f"{DEFAULT_SCHEDULER} or a class name such as {listed}")
+    if cls.__name__ not in compatible:
+        return None, None, (f"{cls.__name__} does not work with {facts.pipeline} (whose scheduler "
+                            f"is {own.__name__}); use one of {listed}")
+    return cls.__name__, _public(dict(cls.from_config(base).config)), None
+
+
+def _call_parameters(pipeline: str) -> set[str]:
+    import diffusers  # heavy: see the imports
+
+    return set(inspect.signature(getattr(diffusers, pipeline).__call__).parameters)
+
+
+def _init_parameters(pipeline: str) -> set[str]:
+    import diffusers  # heavy: see the imports
+
+    return set(inspect.signature(getattr(diffusers, pipeline).__init__).parameters)
+
+
+def setting_problems(facts: PipelineFacts, resolution: int, guidance: float,
+                     negative_prompt: str | None, scheduler_problem: str | None) -> list[tuple[str, str]]:
+    """(field, problem) for every setting the pipeline cannot take."""
+    params = _call_parameters(facts.pipeline)
+    problems = []
+    missing = [p for p in REQUIRED_CALL_PARAMETERS if p not in params]
+    if missing:
+        problems.append(("generator", f"{facts.pipeline} takes no {', '.join(missing)}: regft cannot "
+                         "drive it (it passes each image's seed, size and steps)"))
+    if scheduler_problem:
+        problems.append(("scheduler", scheduler_problem))
+    if resolution % facts.vae_scale_factor:
+        f = facts.vae_scale_factor
+        problems.append(("resolution", f"must be a multiple of {f} for {facts.pipeline} (its VAE "
+                         f"downsamples by {f}), got {resolution}; e.g. {max(f, round(resolution / f) * f)}"))
+    if "guidance_scale" not in params and guidance > CFG_THRESHOLD:
+        problems.append(("guidance", f"{facts.pipeline} has no classifier-free guidance; give "
+                         f"{CFG_THRESHOLD:g} or less (e.g. 0), got {guidance:g}"))
+    if negative_prompt and "negative_prompt" not in params:
+        problems.append(("generator_options", f"{facts.pipeline} takes no negative_prompt; drop it"))
+    return problems
+
+
+# ---------------------------------------------------------------- the generator -----
+
 class DiffusersGenerator:
-    """A StableDiffusionPipeline with per-image seeds; weights load lazily on first generate."""
+    """A diffusers text-to-image pipeline (AutoPipelineForText2Image) with per-image seeds;
+    weights load lazily on first generate."""
 
     def __init__(self, model: str, *, resolution: int, steps: int, guidance: float,
                  device: str = "cpu", dtype: str = "auto", revision: str | None = None,
                  display_name: str | None = None, source: str | None = None,
-                 negative_prompt: str | None = None, weights: str = realsize.PRETRAINED):
+                 negative_prompt: str | None = None, weights: str = realsize.PRETRAINED,
+                 scheduler: str = DEFAULT_SCHEDULER, facts: PipelineFacts | None = None):
         problems = []
         if resolution <= 0 or resolution % 8:
             problems.append(f"resolution must be a positive multiple of 8 (the VAE downsamples by "
@@ -156,10 +338,17 @@ class DiffusersGenerator:
         self.weights = weights
         if weights == realsize.RANDOM:  # built from the shipped configs: nothing to locate
             source, revision = model, realsize.RANDOM_REVISION
+            facts = facts or random_facts(model)
         elif source is None:
             source, revision = locate_diffusers_model(model, revision)
-        self.source, self.revision = source, revision
+        if facts is None:
+            facts = folder_facts(model, source) if os.path.isdir(source) else hub_facts(source, revision)
+        self.source, self.revision, self.facts = source, revision, facts
         self.display_name = display_name or model
+        self.scheduler_name, self.scheduler_config, problem = resolve_scheduler(scheduler, facts)
+        refused = setting_problems(facts, self.resolution, self.guidance, negative_prompt, problem)
+        if refused:
+            raise GeneratorSettingsError(self.display_name, refused)
         self._pipe = None
 
     def identity(self) -> dict:
@@ -167,7 +356,7 @@ class DiffusersGenerator:
         # device: the dataset id must not change with where it is generated or read.
         return {
             "generator": "diffusers",
-            "pipeline": "StableDiffusionPipeline",
+            "pipeline": self.facts.pipeline,
             "model": self.display_name,
             "revision": self.revision,
             "resolution": self.resolution,
@@ -175,7 +364,7 @@ class DiffusersGenerator:
             "guidance": self.guidance,
             "dtype": self.dtype,
             "negative_prompt": self.negative_prompt,
-            "scheduler": "model default",
+            "scheduler": {"class": self.scheduler_name, "config": self.scheduler_config},
             # only when random, so the ids of datasets made with real weights stay the same
             **({"weights": self.weights} if self.weights == realsize.RANDOM else {}),
         }
@@ -186,23 +375,34 @@ class DiffusersGenerator:
 
     def load(self):
         if self._pipe is None:
-            from diffusers import StableDiffusionPipeline  # heavy: see the imports
-
             torch_dtype = resolve_torch_dtype(self.dtype, self.device)
             if self.weights == realsize.RANDOM:
-                self._pipe = self._finish(realsize.build_sd_pipeline(self.model, dtype=torch_dtype))
-                return self._pipe
-            local = os.path.isdir(self.source)
-            pipe = StableDiffusionPipeline.from_pretrained(
-                self.source,
-                revision=None if local else self.revision,
-                dtype=torch_dtype,
-                safety_checker=None,  # docs/method.md: safety checker off
-                requires_safety_checker=False,
-                local_files_only=local,
-            )
+                pipe = realsize.build_sd_pipeline(self.model, dtype=torch_dtype)
+            else:
+                pipe = self._from_pretrained(torch_dtype)
+            if type(pipe).__name__ != self.facts.pipeline:  # the identity would name another class
+                raise RuntimeError(f"generator {self.display_name!r}: loaded {type(pipe).__name__}, "
+                                   f"expected {self.facts.pipeline}")
+            # the scheduler the identity names, from the config it records
+            pipe.scheduler = scheduler_class(self.scheduler_name).from_config(self.scheduler_config)
             self._pipe = self._finish(pipe)
         return self._pipe
+
+    def _from_pretrained(self, torch_dtype):
+        from diffusers import AutoPipelineForText2Image  # heavy: see the imports
+
+        accepted = _init_parameters(self.facts.pipeline)
+        extra = {}
+        if "safety_checker" in accepted:  # docs/method.md: safety checker off
+            extra.update(safety_checker=None, requires_safety_checker=False)
+        if "add_watermarker" in accepted:
+            # SDXL watermarks its images when the invisible-watermark package happens to be
+            # installed: pixels would depend on the machine's packages
+            extra["add_watermarker"] = False
+        local = os.path.isdir(self.source)
+        return AutoPipelineForText2Image.from_pretrained(
+            self.source, revision=None if local else self.revision, dtype=torch_dtype,
+            local_files_only=local, **extra)
 
     def _finish(self, pipe):
         pipe.set_progress_bar_config(disable=True)
@@ -211,6 +411,17 @@ class DiffusersGenerator:
         # monitor); per image it needs an eighth of that, and a decode is per-sample anyway
         pipe.vae.enable_slicing()
         return pipe.to(self.device)
+
+    def _call_kwargs(self, n: int) -> dict:
+        """The settings as this pipeline takes them (setting_problems refused the rest)."""
+        params = _call_parameters(self.facts.pipeline)
+        kwargs = {"height": self.resolution, "width": self.resolution,
+                  "num_inference_steps": self.steps}
+        if "guidance_scale" in params:
+            kwargs["guidance_scale"] = self.guidance
+        if self.negative_prompt:
+            kwargs["negative_prompt"] = [self.negative_prompt] * n
+        return kwargs
 
     def generate(self, prompts: list[str], seeds: list[int], labels: list[int],
                  classnames: list[str]) -> list[np.ndarray]:
@@ -224,61 +435,49 @@ class DiffusersGenerator:
         # one CPU generator per image: the latents of image i depend on seeds[i] only
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
-            out = pipe(
-                prompt=list(prompts),
-                negative_prompt=[self.negative_prompt] * n if self.negative_prompt else None,
-                height=self.resolution,
-                width=self.resolution,
-                num_inference_steps=self.steps,
-                guidance_scale=self.guidance,
-                generator=generators,
-                output_type="np",
-            ).images  # (n, H, W, 3) float in [0, 1]
+            out = pipe(prompt=list(prompts), generator=generators, output_type="np",
+                       **self._call_kwargs(n)).images  # (n, H, W, 3) float in [0, 1]
         # same rounding as diffusers' numpy_to_pil
         images = (np.asarray(out, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
         return [images[i] for i in range(n)]
 
 
 def make_generator(name: str, *, resolution: int, steps: int, guidance: float,
-                   device: str = "cpu", dtype: str = "auto",
+                   device: str = "cpu", dtype: str = "auto", scheduler: str = DEFAULT_SCHEDULER,
                    options: dict | None = None) -> ImageGenerator:
     """The generator called `name` (see module docstring). `options` go to the generator:
-    shapes takes `gap`; diffusers models take `revision` and `negative_prompt`."""
+    shapes takes `gap`; diffusers models take `revision` and `negative_prompt`. `scheduler`:
+    `default` or a diffusers scheduler class name (diffusers generators only)."""
     options = dict(options or {})
     weights = options.pop("weights", realsize.PRETRAINED)
     if weights not in (realsize.PRETRAINED, realsize.RANDOM):
         raise UserError(f"generator {name!r}: weights must be {realsize.PRETRAINED} or "
                         f"{realsize.RANDOM}, got {weights!r}")
     if name == "shapes":  # procedural, and tiny is random already: `weights` changes neither
+        if scheduler != DEFAULT_SCHEDULER:
+            raise GeneratorSettingsError(name, [("scheduler", "the shapes generator has no "
+                                                 f"scheduler; give {DEFAULT_SCHEDULER}")])
         return shapes.ShapesGenerator(resolution=resolution, **options)
     allowed = {"revision", "negative_prompt"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise UserError(f"generator {name!r}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-    if name == "tiny":
+    common = dict(resolution=resolution, steps=steps, guidance=guidance, device=device, dtype=dtype,
+                  scheduler=scheduler, negative_prompt=options.get("negative_prompt"))
+    if name in TINY_VARIANTS:
         if options.get("revision"):
-            raise UserError("generator 'tiny': takes no revision (it is built from code)")
-        folder = materialize_tiny_pipeline()
+            raise UserError(f"generator {name!r}: takes no revision (it is built from code)")
+        folder = materialize_tiny_pipeline(variant=name)
         # the folder lives in a per-machine cache; the code version identifies the weights
-        return DiffusersGenerator(
-            str(folder), resolution=resolution, steps=steps, guidance=guidance, device=device,
-            dtype=dtype, display_name="tiny", source=str(folder), revision=TINY_SD_VERSION,
-            negative_prompt=options.get("negative_prompt"),
-        )
+        return DiffusersGenerator(str(folder), display_name=name, source=str(folder),
+                                  revision=TINY_VARIANTS[name], **common)
     if weights == realsize.RANDOM:
         if not realsize.has_architecture(name):
             raise UserError(f"generator {name!r}: --weights random builds only the architectures "
                             f"shipped in regft ({', '.join(realsize.ARCHITECTURES)}) or tiny")
-        return DiffusersGenerator(name, resolution=resolution, steps=steps, guidance=guidance,
-                                  device=device, dtype=dtype, weights=weights,
-                                  negative_prompt=options.get("negative_prompt"))
+        return DiffusersGenerator(name, weights=weights, **common)
     display = name
     if os.path.isdir(name):
         # a local folder is named by its last component; its content fingerprint is the revision
         display = "dir:" + Path(name).resolve().name
-    return DiffusersGenerator(
-        name, resolution=resolution, steps=steps, guidance=guidance, device=device, dtype=dtype,
-        revision=options.get("revision"), display_name=display,
-        negative_prompt=options.get("negative_prompt"),
-    )
-
+    return DiffusersGenerator(name, revision=options.get("revision"), display_name=display, **common)

@@ -239,7 +239,7 @@ def resolve_weights(req: Request) -> tuple[Request, str, str | None]:
     import dataclasses
 
     from regft import realsize
-    from regft.generators import locate_diffusers_model
+    from regft.generators import BUILTIN_GENERATORS, TINY_VARIANTS, locate_diffusers_model
     from regft.models import TINY_ALIASES, check_weights_available
 
     s, trial, gen = req.settings, req.trial, req.generation
@@ -249,7 +249,7 @@ def resolve_weights(req: Request) -> tuple[Request, str, str | None]:
             check_weights_available(trial.model, trial.pretrained)
         except (RuntimeError, ValueError) as e:
             missing.append((f"{trial.model}/{trial.pretrained}", str(e)))
-        if gen.generator not in ("tiny", "shapes") and not os.path.isdir(gen.generator):
+        if gen.generator not in BUILTIN_GENERATORS and not os.path.isdir(gen.generator):
             try:
                 locate_diffusers_model(gen.generator, gen.generator_options.get("revision"))
             except (RuntimeError, ValueError) as e:
@@ -265,11 +265,11 @@ def resolve_weights(req: Request) -> tuple[Request, str, str | None]:
         why = f"--weights auto found no real weights here for {names} (offline, not cached)"
     if why is not None:
         options = dict(gen.generator_options)
-        if gen.generator not in ("tiny", "shapes"):
+        if gen.generator not in BUILTIN_GENERATORS:
             options["weights"] = realsize.RANDOM
         req = dataclasses.replace(req, trial=dataclasses.replace(trial, pretrained=None),
                                   generation=dataclasses.replace(gen, generator_options=options))
-    tiny = req.trial.model in TINY_ALIASES or req.generation.generator == "tiny"
+    tiny = req.trial.model in TINY_ALIASES or req.generation.generator in TINY_VARIANTS
     label = realsize.RANDOM if why is not None or tiny or not req.trial.pretrained else realsize.PRETRAINED
     if why is None and label == realsize.RANDOM:
         why = "the model or generator is a tiny random one (no weights exist)"
@@ -333,7 +333,7 @@ def measure_generation(req: Request, device: str, tmp: Path) -> GenMeasure:
     with PeakMemory(device) as mem:
         gen = make_generator(cfg.generator, resolution=cfg.effective_resolution(),
                              steps=GEN_STEPS_MEASURED, guidance=cfg.guidance, device=device,
-                             dtype=cfg.dtype, options=cfg.generator_options)
+                             dtype=cfg.dtype, scheduler=cfg.scheduler, options=cfg.generator_options)
         load = getattr(gen, "load", None)
         load_s, pipe = timed(load, device) if callable(load) else (0.0, None)
         unet_times: list[float] = []

@@ -1,4 +1,5 @@
-"""Generators: the tiny diffusers pipeline (offline, 32 px, 2 steps), shapes, fail-fast loading."""
+"""Generators: the tiny diffusers pipelines (offline, 32 px, 2 steps: SD and SDXL), schedulers,
+settings a pipeline cannot take, shapes, fail-fast loading."""
 from __future__ import annotations
 
 import time
@@ -8,6 +9,7 @@ import pytest
 
 from regft.generators import (
     DiffusersGenerator,
+    GeneratorSettingsError,
     ImageGenerator,
     make_generator,
     resolve_torch_dtype,
@@ -19,7 +21,7 @@ SEEDS = [11, 22, 33, 44, 55, 66]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def one_thread(tmp_path_factory):
     import torch
 
     mp = pytest.MonkeyPatch()
@@ -29,10 +31,20 @@ def tiny(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield make_generator("tiny", resolution=32, steps=2, guidance=5.0)
+        yield
     finally:
         torch.set_num_threads(threads)
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tiny(one_thread):
+    return make_generator("tiny", resolution=32, steps=2, guidance=5.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(one_thread):
+    return make_generator("tiny-sdxl", resolution=32, steps=2, guidance=5.0)
 
 
 def _gen(g, idx):
@@ -128,3 +140,99 @@ def test_shapes_generator_gets_its_options():
     assert g.identity()["gap"] == 0.5
     imgs = g.generate(["p", "p"], [1, 2], [0, 1], ["red circle", "blue square"])
     assert imgs[0].shape == (32, 32, 3) and imgs[0].dtype == np.uint8
+
+
+def test_tiny_sdxl_generates_through_the_same_path_as_tiny(tiny, tiny_sdxl):
+    """Both load from a saved folder through AutoPipelineForText2Image, which picks the class
+    from model_index.json; SDXL's extra inputs (second encoder, size conditioning) are its own."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    assert tiny_sdxl.identity()["pipeline"] == "StableDiffusionXLPipeline"
+    assert tiny.identity()["pipeline"] == "StableDiffusionPipeline"
+    a = _gen(tiny_sdxl, [0, 1])
+    assert all(x.shape == (32, 32, 3) and x.dtype == np.uint8 for x in a)
+    assert np.array_equal(a[0], _gen(tiny_sdxl, [0, 1])[0])  # same seed, same batch: bit-exact
+    assert np.abs(a[0].astype(int) - a[1]).mean() > 5
+    pipe = tiny_sdxl.load()
+    assert type(pipe) is StableDiffusionXLPipeline and pipe.text_encoder_2 is not None
+    assert pipe.unet.config.addition_embed_type == "text_time"  # the added time ids
+    assert type(tiny.load()) is StableDiffusionPipeline
+    # the saved folder, given as a folder, is the same model: same class, same pixels
+    g = make_generator(tiny_sdxl.source, resolution=32, steps=2, guidance=5.0)
+    assert g.identity()["pipeline"] == "StableDiffusionXLPipeline"
+    assert np.array_equal(g.generate(PROMPTS[:1], SEEDS[:1], [0], ["x"])[0], a[0])
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny-sdxl"])
+def test_scheduler_and_turbo_guidance_are_used_and_identified(one_thread, variant):
+    """--scheduler NAME swaps the model's scheduler for that class (built from the model's own
+    scheduler config) and the identity names it; guidance 0 (Turbo's) turns CFG off."""
+    base = make_generator(variant, resolution=32, steps=2, guidance=5.0)
+    dpm = make_generator(variant, resolution=32, steps=2, guidance=5.0,
+                         scheduler="DPMSolverMultistepScheduler")
+    assert dpm.identity()["scheduler"]["class"] == "DPMSolverMultistepScheduler"
+    assert base.identity()["scheduler"]["class"] == type(base.load().scheduler).__name__
+    assert type(dpm.load().scheduler).__name__ == "DPMSolverMultistepScheduler"
+    # the config the identity records is the one the loaded scheduler runs with
+    assert {k: v for k, v in dpm.load().scheduler.config.items() if not k.startswith("_")} == \
+        dpm.identity()["scheduler"]["config"]
+    assert np.abs(_gen(dpm, [0])[0].astype(int) - _gen(base, [0])[0]).mean() > 1
+    turbo = make_generator(variant, resolution=32, steps=2, guidance=0.0)
+    one = make_generator(variant, resolution=32, steps=2, guidance=1.0)
+    # guidance <= 1: no unconditional pass, so 0 and 1 are the same conditional-only images
+    assert np.array_equal(_gen(turbo, [0])[0], _gen(one, [0])[0])
+    assert not np.array_equal(_gen(turbo, [0])[0], _gen(base, [0])[0])
+
+
+def test_identity_changes_with_every_generation_setting(tiny, tiny_sdxl):
+    kw = dict(resolution=32, steps=2, guidance=5.0)
+    variants = [tiny.identity(), tiny_sdxl.identity(),
+                make_generator("tiny", **{**kw, "steps": 3}).identity(),
+                make_generator("tiny", **{**kw, "guidance": 7.5}).identity(),
+                make_generator("tiny", **kw, scheduler="EulerDiscreteScheduler").identity(),
+                make_generator("tiny", **kw, scheduler="DPMSolverMultistepScheduler").identity()]
+    assert len({repr(sorted(v.items())) for v in variants}) == len(variants)
+    assert make_generator("tiny", **kw).identity() == tiny.identity()  # and stable
+
+
+def _pipeline_folder(root, pipeline, vae_blocks=4):
+    """A folder with just the configs a generator reads before loading weights (the tiny
+    model's scheduler), claiming to be `pipeline`."""
+    import json
+
+    (root / "scheduler").mkdir(parents=True)
+    (root / "vae").mkdir()
+    (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "PNDMScheduler", "skip_prk_steps": True, "steps_offset": 1}))
+    (root / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [32] * vae_blocks}))
+    return str(root)
+
+
+def test_settings_a_pipeline_cannot_take_are_refused_before_loading(one_thread, tmp_path):
+    kw = dict(resolution=32, steps=2, guidance=5.0)
+    with pytest.raises(GeneratorSettingsError) as e:
+        make_generator("tiny", **kw, scheduler="NoSuchScheduler")
+    assert [f for f, _ in e.value.settings] == ["scheduler"] and "not a diffusers scheduler" in str(e.value)
+    with pytest.raises(GeneratorSettingsError, match="does not work with StableDiffusionPipeline"):
+        make_generator("tiny", **kw, scheduler="FlowMatchEulerDiscreteScheduler")  # SD3/Flux's
+    with pytest.raises(GeneratorSettingsError, match="not a diffusers scheduler"):
+        make_generator("tiny", **kw, scheduler="StableDiffusionPipeline")  # a class, not a scheduler
+    with pytest.raises(GeneratorSettingsError, match="no scheduler"):
+        make_generator("shapes", **kw, scheduler="DDIMScheduler")
+    # a VAE that downsamples by 16: 40 px is a multiple of 8, not of 16
+    folder = _pipeline_folder(tmp_path / "vae16", "StableDiffusionPipeline", vae_blocks=5)
+    with pytest.raises(GeneratorSettingsError, match="multiple of 16.*got 40") as e:
+        make_generator(folder, **{**kw, "resolution": 40}, scheduler="NoSuchScheduler")
+    assert sorted(f for f, _ in e.value.settings) == ["resolution", "scheduler"]  # all at once
+    # a pipeline without classifier-free guidance, one without negative prompts
+    nocfg = _pipeline_folder(tmp_path / "nocfg", "QwenImage21Pipeline")
+    with pytest.raises(GeneratorSettingsError, match="no classifier-free guidance") as e:
+        make_generator(nocfg, **kw)
+    assert [f for f, _ in e.value.settings] == ["guidance"]
+    make_generator(nocfg, **{**kw, "guidance": 0.0})  # guidance off: accepted
+    lcm = _pipeline_folder(tmp_path / "lcm", "LatentConsistencyModelPipeline")
+    with pytest.raises(GeneratorSettingsError, match="takes no negative_prompt"):
+        make_generator(lcm, **kw, options={"negative_prompt": "blurry"})
+    with pytest.raises(ValueError, match="not one diffusers' AutoPipelineForText2Image loads"):
+        make_generator(_pipeline_folder(tmp_path / "i2i", "NoSuchPipeline"), **kw)
