@@ -38,6 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
@@ -511,21 +514,175 @@ class PipelineRun:
     seconds: float = 0.0
 
 
-def generate_dataset(cfg: GenerationConfig, *, fault: dict | None = None) -> GenerationResult:
+def generate_dataset(cfg: GenerationConfig, *, fault: dict | None = None,
+                     executor: str = "ray") -> GenerationResult:
     """Make sure the dataset `cfg` describes is complete in the store; generate what is missing
-    (the module docstring's flow, one named step each)."""
+    (the module docstring's flow, one named step each). One process generates a dataset at a
+    time (a claim in the store): a concurrent request waits and then finds it complete. Images
+    a complete dataset of the same family (`family_spec`: equal settings but images_per_class)
+    holds are copied, not generated: all of them for a smaller request (`serve_prefix`), its
+    first images per class for a larger one (`grow_from`). `executor`: "ray" (Ray Data actors)
+    or "inline" (this process, one generator: small jobs, tests)."""
     plan = plan_dataset(cfg)                                              # 1. validate, id, items
-    existing = read_existing_manifest(plan)                               # 2. a run before this
+    done = complete_result(plan)                                          # 2. a run before this
+    if done is not None:
+        return done
+    held = st.claim(plan.path, lambda: complete_result(plan) is not None)  # 3. one generator
+    if held is None:  # another process finished it while this one waited
+        return complete_result(plan)
+    with held:
+        done = complete_result(plan)  # finished between our check and our claim
+        if done is not None:
+            return done
+        larger, smaller = family_datasets(cfg, plan)                      # 4. images that exist
+        if larger is not None:
+            return serve_prefix(cfg, plan, *larger)
+        if smaller is not None:
+            return grow_from(cfg, plan, *smaller, fault=fault, executor=executor)
+        return generate_missing(cfg, plan, fault, executor)               # 5. generate
+
+
+def complete_result(plan: DatasetPlan) -> GenerationResult | None:
+    """The result of a request whose dataset is complete already (0 generated), else None."""
+    existing = read_existing_manifest(plan)
     if existing and existing.get("complete") and _all_shards_present(plan.path, existing):
         return GenerationResult(plan.path, plan.dataset_id, len(plan.items), 0, 0.0, existing)
-    shards, manifest = lay_out_shards(cfg, plan, existing)                # 3. fixed shards
-    pending = pending_shards(plan.path, shards)                           # 4. what is missing
-    run = generate_shards(cfg, plan, shards, pending, fault)              # 5. Ray Data actors
-    records = verified_records(plan.path, shards, run.records)            # 6. all shards there
+    return None
+
+
+def generate_missing(cfg: GenerationConfig, plan: DatasetPlan, fault: dict | None,
+                     executor: str) -> GenerationResult:
+    """Steps 3-7 of the module docstring, under the dataset's claim."""
+    existing = read_existing_manifest(plan)
+    shards, manifest = lay_out_shards(cfg, plan, existing)                # fixed shards
+    pending = pending_shards(plan.path, shards)                           # what is missing
+    run = generate_shards(cfg, plan, shards, pending, fault, executor)    # Ray Data actors
+    records = verified_records(plan.path, shards, run.records)            # all shards there
     generated = sum(len(shards[k]) for k in pending)
-    write_final_manifest(cfg, plan.path, manifest, records, run, generated)  # 7. manifest, samples
+    write_final_manifest(cfg, plan.path, manifest, records, run, generated)  # manifest, samples
     return GenerationResult(plan.path, plan.dataset_id, len(plan.items), generated, run.seconds,
                             manifest, run.shard_times)
+
+
+def family_spec(spec: dict) -> dict:
+    """A dataset spec without its count: datasets of one family differ only in images_per_class,
+    and the first N images of each class are the same images in all of them (item seeds hash
+    (task, class, image index, base seed); prompts depend on the index only)."""
+    return {k: v for k, v in spec.items() if k != "images_per_class"}
+
+
+Found = tuple[str, dict]  # (dataset path, its manifest)
+
+
+def family_datasets(cfg: GenerationConfig, plan: DatasetPlan) -> tuple[Found | None, Found | None]:
+    """The complete datasets in the store of the request's family closest to it in size: the
+    smallest with more images per class, the largest with fewer (each None if there is none)."""
+    store, want = cfg.effective_store(), cfg.images_per_class
+    slug = plan.dataset_id.rsplit("-", 1)[0] + "-"  # ids open with the task's slug: a cheap filter
+    family, larger, smaller = family_spec(plan.spec), None, None
+    for name in st.list_datasets(store):
+        if not name.startswith(slug) or name == plan.dataset_id:
+            continue
+        path = st.dataset_path(store, name)
+        m = st.read_manifest(path)
+        spec = (m or {}).get("spec") or {}
+        if not (m and m.get("complete") and family_spec(spec) == family
+                and _all_shards_present(path, m)):
+            continue
+        n = spec["images_per_class"]
+        if n > want and (larger is None or n < larger[1]["spec"]["images_per_class"]):
+            larger = (path, m)
+        if n < want and (smaller is None or n > smaller[1]["spec"]["images_per_class"]):
+            smaller = (path, m)
+    return larger, smaller
+
+
+def serve_prefix(cfg: GenerationConfig, plan: DatasetPlan, source: str, source_manifest: dict
+                 ) -> GenerationResult:
+    """The request's dataset made of the first images per class of the larger dataset at
+    `source` (same item ids, seeds and prompts: checked row by row); 0 generated. The train/val
+    rule depends on the item id only, so shared items keep their split."""
+    t0 = time.perf_counter()
+    shards, manifest = lay_out_shards(cfg, plan, read_existing_manifest(plan))
+    records = assemble_shards(plan, shards, [st.shard_paths(source, source_manifest)])
+    manifest["derived_from"] = _derived(source_manifest, len(plan.items))
+    run = PipelineRun(records=records, seconds=time.perf_counter() - t0)
+    write_final_manifest(cfg, plan.path, manifest, verified_records(plan.path, shards, records), run, 0)
+    return GenerationResult(plan.path, plan.dataset_id, len(plan.items), 0, 0.0, manifest)
+
+
+GROW_DIR = "_grow"  # inside a dataset being grown: its new images, as shards of their own
+
+
+def grow_from(cfg: GenerationConfig, plan: DatasetPlan, source: str, source_manifest: dict, *,
+              fault: dict | None, executor: str) -> GenerationResult:
+    """The request's dataset from the smaller dataset at `source` (its images: copied) and the
+    images it lacks (index >= its images_per_class), generated as a job of their own under
+    GROW_DIR (resumable like any generation), then merged in item order."""
+    have = source_manifest["spec"]["images_per_class"]
+    new_items = [it for it in plan.items if it.index >= have]
+    grow = dataclasses.replace(plan, items=new_items, path=st.join(plan.path, GROW_DIR))
+    grow_shards = chunk(new_items, cfg.shard_size)
+    pending = pending_shards(grow.path, grow_shards)
+    run = generate_shards(cfg, grow, grow_shards, pending, fault, executor)
+    verified_records(grow.path, grow_shards, run.records)
+    shards, manifest = lay_out_shards(cfg, plan, read_existing_manifest(plan))
+    grown = (st.filesystem(grow.path)[0], list(st.list_shards(grow.path).values()))
+    records = assemble_shards(plan, shards, [st.shard_paths(source, source_manifest), grown])
+    generated = sum(len(grow_shards[k]) for k in pending)
+    manifest["derived_from"] = _derived(source_manifest, len(plan.items) - len(new_items))
+    write_final_manifest(cfg, plan.path, manifest, verified_records(plan.path, shards, records),
+                         dataclasses.replace(run, records=records), generated)
+    st.delete_dir(grow.path)
+    return GenerationResult(plan.path, plan.dataset_id, len(plan.items), generated, run.seconds,
+                            manifest, run.shard_times)
+
+
+def _derived(source_manifest: dict, copied: int) -> dict:
+    return {"dataset_id": source_manifest["dataset_id"], "copied_images": copied,
+            "images_per_class": source_manifest["spec"]["images_per_class"]}
+
+
+def assemble_shards(plan: DatasetPlan, shards: list[list[Item]], sources: list[tuple]) -> dict[int, dict]:
+    """Write the request's pending shards from rows that exist: `sources` are (filesystem, shard
+    files) whose rows together hold every item (each in item_id order). Each written shard is
+    checked to hold exactly its items (ids, labels, prompts, seeds). Returns {shard: record}."""
+    pending = pending_shards(plan.path, shards)
+    where: dict[str, tuple[int, str]] = {}  # item_id -> (source, file): ids only are read here
+    for n, (fs, files) in enumerate(sources):
+        for f in files:
+            for item_id in pq.read_table(f, columns=["item_id"], filesystem=fs).column("item_id").to_pylist():
+                where.setdefault(item_id, (n, f))
+    records, cache = {}, {}
+    for k in pending:
+        ids = [it.item_id for it in shards[k]]
+        missing = [i for i in ids if i not in where]
+        if missing:
+            raise RuntimeError(f"{plan.path}: {len(missing)} item(s) of shard {k} are in none of "
+                               "the datasets it is assembled from")
+        files = list(dict.fromkeys(where[i] for i in ids))
+        # consecutive shards share source files: keep the files of the previous shard
+        cache = {f: cache.get(f) or pq.read_table(f[1], filesystem=sources[f[0]][0]) for f in files}
+        rows = pa.concat_tables([cache[f] for f in files])
+        rows = rows.take(_positions(rows.column("item_id").to_pylist(), ids))
+        records[k] = st.write_shard(plan.path, k, _checked_rows(rows, shards[k], plan.path))
+    return records
+
+
+def _positions(have: list[str], want: list[str]) -> list[int]:
+    at = {i: n for n, i in enumerate(have)}
+    return [at[i] for i in want]
+
+
+def _checked_rows(table, items: list[Item], where: str):
+    """`table` when its rows are exactly `items` (id, label, prompt, seed), else RuntimeError."""
+    columns = ("item_id", "label", "prompt", "seed")
+    got = [tuple(r) for r in zip(*(table.column(c).to_pylist() for c in columns))]
+    want = [(it.item_id, it.label, it.prompt, it.seed) for it in items]
+    if got != want:
+        raise RuntimeError(f"{where}: rows copied from another dataset differ from the request's "
+                           "items (ids, prompts or seeds); move that dataset away and re-run")
+    return table.combine_chunks()
 
 
 def plan_dataset(cfg: GenerationConfig) -> DatasetPlan:
@@ -577,14 +734,21 @@ def pending_shards(path: str, shards: list[list[Item]]) -> list[int]:
     return [k for k in range(len(shards)) if k not in kept]
 
 
+EXECUTORS = ("ray", "inline")
+
+
 def generate_shards(cfg: GenerationConfig, plan: DatasetPlan, shards: list[list[Item]],
-                    pending: list[int], fault: dict | None) -> PipelineRun:
+                    pending: list[int], fault: dict | None, executor: str = "ray") -> PipelineRun:
     run = PipelineRun()
     if not pending:
         return run
-    ensure_ray()  # start-up (seconds) is not counted as generation time
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if executor == "ray":
+        ensure_ray()  # start-up (seconds) is not counted as generation time
     t_gen = time.perf_counter()
-    for rec, runtime, t in _run_pipeline(cfg, plan.identity, plan.path, shards, pending, fault):
+    runner = _run_pipeline if executor == "ray" else _run_inline
+    for rec, runtime, t in runner(cfg, plan.identity, plan.path, shards, pending, fault):
         run.records[rec["index"]] = rec
         run.runtimes[runtime] = run.runtimes.get(runtime, 0) + 1
         run.shard_times.append(t - t_gen)
@@ -691,11 +855,7 @@ def _run_pipeline(cfg, identity, path, shards, pending, fault):
             compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
-            fn_constructor_kwargs=dict(
-                generator=cfg.generator, resolution=cfg.effective_resolution(), steps=cfg.steps,
-                guidance=cfg.guidance, dtype=cfg.dtype, options=options, device=plan.device,
-                threads=plan.threads, dataset_path=path, output_size=cfg.effective_output_size(),
-                batch_size=cfg.batch_size, fault=fault, scheduler=cfg.scheduler),
+            fn_constructor_kwargs=worker_kwargs(cfg, options, plan.device, plan.threads, path, fault),
             # Ray Data's actor defaults (max_restarts=-1, max_task_retries=-1) replace a dead
             # actor and retry its shard; 2.60 deprecates passing other values here.
             runtime_env={"env_vars": env} if env else None,
@@ -724,6 +884,25 @@ def _run_pipeline(cfg, identity, path, shards, pending, fault):
     finally:
         ctx.enable_progress_bars = old_bars
     return results
+
+
+def worker_kwargs(cfg: GenerationConfig, options: dict, device: str, threads: int, path: str,
+                  fault: dict | None) -> dict:
+    """ShardWorker's constructor arguments for `cfg` (Ray Data actors and the inline runner)."""
+    return dict(generator=cfg.generator, resolution=cfg.effective_resolution(), steps=cfg.steps,
+                guidance=cfg.guidance, dtype=cfg.dtype, options=options, device=device,
+                threads=threads, dataset_path=path, output_size=cfg.effective_output_size(),
+                batch_size=cfg.batch_size, fault=fault, scheduler=cfg.scheduler)
+
+
+def _run_inline(cfg, identity, path, shards, pending, fault):
+    """The pending shards generated in this process by one ShardWorker (what one Ray Data actor
+    does, without Ray): for small jobs and for tests of what happens around generation."""
+    worker = ShardWorker(**worker_kwargs(cfg, dict(cfg.generator_options), "cpu",
+                                         torch.get_num_threads(), path, fault))
+    for k in pending:
+        out = worker({"shard": np.asarray([k]), "items": np.asarray([_items_to_json(shards[k])])})
+        yield json.loads(str(out["record"][0])), str(out["runtime"][0]), time.perf_counter()
 
 
 def _is_disk_full(e: BaseException) -> bool:

@@ -12,12 +12,18 @@ File format (every problem in a file is reported at once)::
 
 `parameters` are sampled by Optuna (TPE), one value per trial; only the settings in SEARCHABLE
 may be declared, each with values of its type (an integer setting takes int/logint or a choice
-of integers). The file is read strictly: UTF-8, at most MAX_SPACE_BYTES, no anchors/aliases, no
-key given twice. `alpha` is *not* sampled: every trial sweeps the whole grid
-on its own fine-tuned weights (no retraining) and reports the best alpha and the curve.
+of integers). The generation settings in GENERATION_DIMS (guidance, images_per_class, gen_steps,
+scheduler, generator) may be declared too, as a `choice` only: each distinct combination of their
+values is one dataset, generated once before the trials start (`SearchSpace.generation_requests`),
+and each trial trains on the dataset of its sampled values. The file is read strictly: UTF-8,
+at most MAX_SPACE_BYTES, no anchors/aliases, no key given twice. `alpha` is *not* sampled: every
+trial sweeps the whole grid on its own fine-tuned weights (no retraining) and reports the best
+alpha and the curve.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +55,14 @@ NOT_SEARCHED = {
     "num_workers": "set by --workers-per-trial",
     "alpha_grid": "declare the top-level 'alpha: {low, high, step}'",
 }
+# The generation settings a search may vary: search-space name -> (GenerationConfig field, type).
+# Each value is one dataset, generated once for the search (and reused across searches by its
+# content id), so these take a `choice` only: a continuous range has no finite set of datasets.
+GENERATION_DIMS = {"guidance": ("guidance", float), "images_per_class": ("images_per_class", int),
+                   "gen_steps": ("steps", int), "scheduler": ("scheduler", str),
+                   "generator": ("generator", str)}
+# more distinct datasets than this is a space that costs more generation than any search trains on
+MAX_DATASETS = 64
 # dimensions that must be >= 0 (weights, ratios) or > 0 (learning rate)
 NON_NEGATIVE = {"vc_weight", "vc_cov_ratio", "weight_decay", "grad_clip", "warmup_steps"}
 POSITIVE = {"lr"}
@@ -138,6 +152,35 @@ class SearchSpace:
     def to_tune(self) -> dict[str, Any]:
         return {name: dim.to_tune() for name, dim in self.parameters.items()}
 
+    def generation_choices(self) -> dict[str, tuple]:
+        """The generation dimensions and their values (empty: every trial has one dataset)."""
+        return {n: d.values for n, d in self.parameters.items() if n in GENERATION_DIMS}
+
+    def generation_requests(self) -> list[dict[str, Any]]:
+        """Every distinct combination of generation values, as {GenerationConfig field: value},
+        largest images_per_class first (a smaller count is then served from it)."""
+        choices = self.generation_choices()
+        combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
+        combos.sort(key=lambda c: -c.get("images_per_class", 0))
+        return [generation_fields(c) for c in combos]
+
+
+def generation_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """Sampled generation values ({dimension: value}) as GenerationConfig fields."""
+    return {GENERATION_DIMS[n][0]: v for n, v in values.items() if n in GENERATION_DIMS}
+
+
+def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trial's sampled config as (training values, generation values {dimension: value})."""
+    train = {k: v for k, v in config.items() if k not in GENERATION_DIMS}
+    return train, {k: v for k, v in config.items() if k in GENERATION_DIMS}
+
+
+def generation_key(fields: dict[str, Any]) -> str:
+    """The key of one dataset request among a search's ({GenerationConfig field: value}; {} when
+    the space has no generation dimension): what a trial looks its dataset up by."""
+    return json.dumps(fields, sort_keys=True)
+
 
 def _num(x) -> bool:
     """A finite int or float (not a bool, not an int too large for a float)."""
@@ -153,15 +196,20 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and _num(x)
 
 
+def _searchable() -> str:
+    return (f"{', '.join(sorted(SEARCHABLE))}; generation (a choice): "
+            f"{', '.join(sorted(GENERATION_DIMS))}")
+
+
 def _name_problem(name: str, p: str, known_fields: set[str] | None) -> str | None:
-    if name in SEARCHABLE:
+    if name in SEARCHABLE or name in GENERATION_DIMS:
         return None
     if name in NOT_SEARCHED:
         return f"{p}: {name} cannot be searched ({NOT_SEARCHED[name]})"
     if known_fields is not None and name in known_fields:
         return (f"{p}: {name} cannot be searched (the same for every trial: set it with a flag or "
-                f"a preset); searchable: {', '.join(sorted(SEARCHABLE))}")
-    return f"{p}: not a training setting (searchable: {', '.join(sorted(SEARCHABLE))})"
+                f"a preset); searchable: {_searchable()}")
+    return f"{p}: not a training or generation setting (searchable: {_searchable()})"
 
 
 def _check_choice(name: str, spec: dict, p: str) -> list[str]:
@@ -179,6 +227,29 @@ def _check_choice(name: str, spec: dict, p: str) -> list[str]:
         problems.append(f"{p}.values: {name} must be >= 0, got {shorten(values)}")
     elif name in POSITIVE and any(v <= 0 for v in values):
         problems.append(f"{p}.values: {name} must be > 0, got {shorten(values)}")
+    return problems
+
+
+def _check_generation_choice(name: str, spec: dict, p: str) -> list[str]:
+    """A generation dimension: a choice of distinct values of its setting's type."""
+    if spec.get("distribution") != "choice":
+        return [f"{p}: {name} is a generation setting: each value is a dataset generated once, so "
+                f"declare 'distribution: choice' with a list of values, not "
+                f"{shorten(spec.get('distribution'))}"]
+    problems = [f"{p}.{k}: a choice takes 'values', not low/high/step" for k in ("low", "high", "step")
+                if k in spec]
+    values = spec.get("values")
+    if not isinstance(values, list) or not values:
+        return problems + [f"{p}.values: a choice needs a non-empty list of values, got {shorten(values)}"]
+    kind = GENERATION_DIMS[name][1]
+    if kind is int and not all(_is_int(v) and v >= 1 for v in values):
+        problems.append(f"{p}.values: {name} takes whole numbers >= 1, got {shorten(values)}")
+    elif kind is float and not all(_num(v) and v >= 0 for v in values):
+        problems.append(f"{p}.values: {name} takes finite numbers >= 0, got {shorten(values)}")
+    elif kind is str and not all(isinstance(v, str) and v.strip() for v in values):
+        problems.append(f"{p}.values: {name} takes non-empty names, got {shorten(values)}")
+    elif len(set(values)) != len(values):
+        problems.append(f"{p}.values: a value is listed twice in {shorten(values)}; list each once")
     return problems
 
 
@@ -230,6 +301,8 @@ def _check_dimension(name: str, spec: Any, where: str, known_fields: set[str] | 
         return problems
     if name_problem:  # its values cannot be judged against a type it does not have
         return problems
+    if name in GENERATION_DIMS:
+        return problems + _check_generation_choice(name, spec, p)
     if dist == "choice":
         return problems + _check_choice(name, spec, p)
     return problems + _check_range(name, dist, spec, p)
@@ -277,6 +350,8 @@ def parse_search_space(data: Any, where: str = "search space", text: str = "",
             problems += _check_dimension(str(name), spec, where, known_fields)
     alpha_spec = data.get("alpha", {})
     problems += _check_alpha(alpha_spec, where)
+    if not problems:
+        problems += _dataset_count_problems(params, where)
     if problems:
         raise UserError(problems)
     dims = {
@@ -292,6 +367,16 @@ def parse_search_space(data: Any, where: str = "search space", text: str = "",
         for name, spec in params.items()
     }
     return SearchSpace(parameters=dims, alpha=AlphaGrid(**alpha_spec), source=where, text=text)
+
+
+def _dataset_count_problems(params: dict, where: str) -> list[str]:
+    counts = [len(params[n]["values"]) for n in GENERATION_DIMS if n in params and n != "images_per_class"]
+    n = math.prod(counts)
+    if n <= MAX_DATASETS:
+        return []
+    return [f"{where}: the generation choices make {n} distinct datasets (the product of the "
+            f"value counts of {', '.join(d for d in GENERATION_DIMS if d in params)}), more than "
+            f"{MAX_DATASETS}; every one is generated before the trials start: list fewer values"]
 
 
 def load_search_space(path: str | Path, known_fields: set[str] | None = None,

@@ -24,9 +24,13 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -95,6 +99,13 @@ def fetch_file(src: str, dest: Path) -> Path | None:
 def dataset_path(store: str, dataset_id: str) -> str:
     """The dataset's location: an absolute local path or a URI (as given)."""
     return join(absolute(store), dataset_id)
+
+
+def list_datasets(store: str) -> list[str]:
+    """The dataset ids (folder names) directly under `store`, sorted; [] when it does not exist."""
+    fs, root = filesystem(absolute(store))
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def shard_name(index: int) -> str:
@@ -287,10 +298,136 @@ def delete_shard(path: str, index: int) -> None:
         pass
 
 
+def delete_dir(path: str) -> None:
+    """Delete folder `path` and everything under it (nothing if it does not exist)."""
+    fs, root = filesystem(path)
+    if _exists(fs, root):
+        fs.delete_dir(root)
+
+
 def clear_tmp(path: str) -> None:
     fs, root = filesystem(path)
     if _exists(fs, join(root, TMP_DIR)):
         fs.delete_dir(join(root, TMP_DIR))
+
+
+# ------------------------------------------------------------------ claims ---
+# One generation per dataset, also when several processes ask for it at once (two searches, two
+# `regft.generate` calls, on one machine or several): the generating process holds a claim, the
+# others wait for it and then read the finished dataset. The protocol needs nothing but writes,
+# deletes and listings that see completed writes (a local disk; S3 / GCS list consistently):
+#   1. write <dataset>/_claims/<random>.json;  2. list _claims/;
+#   3. only its own file there -> the claim is held; else delete it, wait, go to 1.
+# Two claimants cannot both win: whichever listed first listed before the other's write had
+# completed, so the later one's listing sees the first's file and it withdraws. (Both may
+# withdraw; each then backs off a random time.) The holder rewrites its file every HEARTBEAT_S;
+# a waiter that sees a claim file unchanged for STALE_S on its *own* monotonic clock (no clock
+# is compared across machines) deletes it as the claim of a crashed process and tries again.
+CLAIMS_DIR = "_claims"
+HEARTBEAT_S = 5.0
+STALE_S = 120.0  # 24 missed heartbeats: a crashed holder, not a slow store
+CLAIM_POLL_S = 1.0  # how often a waiter looks at the claims and the manifest
+
+
+class Claim:
+    """A held claim on a dataset path; `release()` (or leaving the `with`) deletes it."""
+
+    def __init__(self, path: str, heartbeat_s: float = HEARTBEAT_S):
+        self.path, self.heartbeat_s = path, heartbeat_s
+        self.name = f"{uuid.uuid4().hex}.json"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        self._beats, self._stop = 0, threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _file(self) -> str:
+        return join(filesystem(self.path)[1], CLAIMS_DIR, self.name)
+
+    def write(self) -> None:
+        fs, root = filesystem(self.path)
+        fs.create_dir(join(root, CLAIMS_DIR), recursive=True)
+        with fs.open_output_stream(self._file()) as f:
+            f.write(json.dumps({"owner": self.owner, "beat": self._beats}).encode())
+
+    def start_heartbeat(self) -> None:
+        def beat():
+            while not self._stop.wait(self.heartbeat_s):
+                self._beats += 1
+                try:
+                    self.write()
+                except OSError:  # a store hiccup: the next beat tries again
+                    pass
+        self._thread = threading.Thread(target=beat, name=f"claim-{self.name}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        fs, _ = filesystem(self.path)
+        try:
+            fs.delete_file(self._file())
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _claim_files(path: str) -> dict[str, bytes]:
+    """{claim file name: its content} under <path>/_claims (a file deleted meanwhile is left out)."""
+    fs, root = filesystem(path)
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(join(root, CLAIMS_DIR), allow_not_found=True)):
+        if info.type == pafs.FileType.File and info.base_name.endswith(".json"):
+            try:
+                with fs.open_input_stream(info.path) as f:
+                    out[info.base_name] = f.read()
+            except FileNotFoundError:
+                continue
+    return out
+
+
+class _StaleWatch:
+    """Claims of other processes whose content has not changed for `stale_s` on this clock."""
+
+    def __init__(self, stale_s: float):
+        self.stale_s, self.seen = stale_s, {}  # name -> (content, first seen unchanged at)
+
+    def stale(self, claims: dict[str, bytes]) -> list[str]:
+        now = time.monotonic()
+        self.seen = {n: (c, self.seen[n][1] if n in self.seen and self.seen[n][0] == c else now)
+                     for n, c in claims.items()}
+        return [n for n, (_, since) in self.seen.items() if now - since >= self.stale_s]
+
+
+def claim(path: str, done: Callable[[], bool], *, heartbeat_s: float | None = None,
+          stale_s: float | None = None, poll_s: float | None = None) -> Claim | None:
+    """Wait until either `done()` is true (None: another process finished the work) or this
+    process holds the claim on `path` (a heartbeating Claim; release it when the work is done or
+    has failed). A claim whose holder stopped heartbeating for `stale_s` is taken over.
+    (Timings default to the module's HEARTBEAT_S / STALE_S / CLAIM_POLL_S, read at the call.)"""
+    heartbeat_s, stale_s = heartbeat_s or HEARTBEAT_S, stale_s or STALE_S
+    poll_s = poll_s or CLAIM_POLL_S
+    watch, fs = _StaleWatch(stale_s), filesystem(path)[0]
+    while True:
+        if done():
+            return None
+        mine = Claim(path, heartbeat_s)
+        mine.write()
+        others = {n: c for n, c in _claim_files(path).items() if n != mine.name}
+        if not others:
+            mine.start_heartbeat()
+            return mine
+        mine.release()  # someone else holds it (or is trying): wait for them
+        for name in watch.stale(others):
+            try:
+                fs.delete_file(join(filesystem(path)[1], CLAIMS_DIR, name))
+            except FileNotFoundError:
+                pass
+        time.sleep(poll_s * (0.5 + random.random()))  # random: two withdrawn claimants desynchronise
 
 
 # ---------------------------------------------------------------- manifest ---
@@ -393,6 +530,13 @@ def read_table(dataset_path: str, split: str = "all", val_fraction: float = 0.1,
     if split != "all":
         table = filter_split(table, split, val_fraction)
     return table
+
+
+def split_counts(dataset_path: str, val_fraction: float) -> dict[str, int]:
+    """{"train": n, "val": n}: a complete dataset's images per split (item ids only are read)."""
+    ids = read_table(dataset_path, "all", columns=["item_id"]).column("item_id").to_pylist()
+    val = sum(split_of(i, val_fraction) == "val" for i in ids)
+    return {"train": len(ids) - val, "val": val}
 
 
 try:

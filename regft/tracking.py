@@ -9,22 +9,88 @@ by the `regft.trial_id` tag instead of opening a duplicate.
 """
 from __future__ import annotations
 
+import json
 import time
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
-from mlflow.entities import Metric
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from regft.mlflow_store import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, find_run, flat_params, numeric_metrics
 from regft.reports import DivergedReport, FinalReport
+from regft.search_space import generation_fields, generation_key, split_config
 from regft.searcher import is_report
 
 matplotlib.use("Agg")  # figures are drawn in the driver, never shown (before pyplot is imported)
 import matplotlib.pyplot as plt  # noqa: E402
 
 ALPHA_STEPS = 100  # alpha curves are logged as metric steps in percent (MLflow steps are integers)
+MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest (its database column)
+DATASET_CONTEXT = "mlflow.data.context"  # the input tag the UI shows as the dataset's role
+
+
+@dataclass(frozen=True)
+class DatasetLineage:
+    """One dataset a search trains on: what the MLflow Datasets column and the parent run show."""
+
+    dataset_id: str
+    path: str  # store path or URI
+    images: int
+    generated: int  # images this search's generation made for it (0: reused or served)
+    splits: dict  # {"train": n, "val": n} under the trials' val_fraction
+    settings: dict  # the generation values that differ between the search's datasets
+    derived_from: str | None = None  # the larger dataset whose first images per class it is
+
+    def digest(self) -> str:
+        """The dataset id, or (an id longer than MLflow takes) its content hash, the id's tail."""
+        if len(self.dataset_id) <= MAX_DIGEST_CHARS:
+            return self.dataset_id
+        return self.dataset_id.rsplit("-", 1)[-1]
+
+
+class _StoreDataset(MetaDataset):
+    """An MLflow Dataset that is only metadata: name and digest = the dataset id, source = its
+    store path, profile = its image counts per split."""
+
+    def __init__(self, lineage: DatasetLineage):
+        self._lineage = lineage
+        try:
+            source = resolve_dataset_source(lineage.path)
+        except MlflowException:  # a scheme MLflow has no source type for (memory://, ...)
+            source = resolve_dataset_source(lineage.path.split("://", 1)[-1])
+        super().__init__(source, name=lineage.dataset_id, digest=lineage.digest())
+
+    @property
+    def profile(self) -> dict:
+        return {"images": self._lineage.images, **{f"{k}_images": v for k, v in self._lineage.splits.items()}}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+
+def dataset_input(lineage: DatasetLineage, context: str) -> DatasetInput:
+    """`lineage` as a run input (what mlflow.log_input logs), tagged with its role."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways": a local path
+        entity = _StoreDataset(lineage)._to_mlflow_entity()
+    return DatasetInput(dataset=entity, tags=[InputTag(key=DATASET_CONTEXT, value=context)])
+
+
+def log_datasets(client: MlflowClient, run_id: str, lineages: list[DatasetLineage], context: str) -> None:
+    client.log_inputs(run_id, datasets=[dataset_input(x, context) for x in lineages])
+
+
+def trial_dataset(config: dict, datasets: dict[str, DatasetLineage]) -> DatasetLineage | None:
+    """The dataset a trial of sampled `config` trains on (by its generation values)."""
+    _, values = split_config(dict(config))
+    return datasets.get(generation_key(generation_fields(values)))
 
 
 def alpha_curve_figure(curves: dict[str, list], selected: float | None, title: str):
@@ -59,7 +125,9 @@ class MLflowTrialCallback(Callback):
     """Driver-side Tune callback: one nested MLflow run per trial, found again on resume."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                 static_params: dict[str, Any], search_name: str):
+                 static_params: dict[str, Any], search_name: str,
+                 datasets: dict[str, DatasetLineage] | None = None):
+        self.datasets = datasets or {}  # generation key -> the dataset its trials train on
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -99,6 +167,10 @@ class MLflowTrialCallback(Callback):
             )
             run_id = run.info.run_id
             params = {**self.static_params, **dict(trial.config)}
+            lineage = trial_dataset(trial.config, self.datasets)
+            if lineage is not None:
+                params["dataset_id"] = lineage.dataset_id
+                log_datasets(self.client, run_id, [lineage], "train")
             for k, v in flat_params(params).items():
                 self.client.log_param(run_id, k, v)
         self._runs[tid] = run_id

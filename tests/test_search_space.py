@@ -63,7 +63,7 @@ def test_every_problem_reported_at_once():
         "parameters.vc_weight: unknown key 'colour'",
         "parameters.vc_weight: vc_weight must be >= 0",
         "parameters.warmup_steps: low (10) must be < high (5)",
-        "parameters.mystery: not a training setting",
+        "parameters.mystery: not a training or generation setting",
         "parameters.mystery.distribution: 'gaussian'",
         "alpha: alpha must lie in [0, 1]",
     ]:
@@ -95,3 +95,51 @@ def test_a_task_without_its_own_file_gets_default_yaml():
     assert default_search_space_path("my_task") == d / "default.yaml"
     assert default_search_space_path("shapes") == d / "shapes.yaml"
     assert default_search_space_path("shapes") != default_search_space_path("cars")
+
+
+def test_generation_settings_are_searched_as_choices_of_their_type():
+    """Issue 14: guidance, images_per_class, gen_steps, scheduler and generator may be searched,
+    each as a choice (one dataset per value); every wrong one is reported at once."""
+    bad = {"parameters": {
+        "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3},
+        "guidance": {"distribution": "uniform", "low": 1.0, "high": 10.0},
+        "images_per_class": {"distribution": "choice", "values": [0, 2.5]},
+        "gen_steps": {"distribution": "choice", "values": [2, 2]},
+        "scheduler": {"distribution": "choice", "values": [""]},
+        "generator": {"distribution": "choice", "values": [1]},
+    }}
+    with pytest.raises(UserError) as e:
+        parse_search_space(bad, where="s.yaml")
+    msg = str(e.value)
+    for part in ["parameters.guidance: guidance is a generation setting",
+                 "parameters.images_per_class.values: images_per_class takes whole numbers >= 1",
+                 "parameters.gen_steps.values: a value is listed twice",
+                 "parameters.scheduler.values: scheduler takes non-empty names",
+                 "parameters.generator.values: generator takes non-empty names"]:
+        assert part in msg, part
+    assert len(e.value.problems) == 5
+    space = parse_search_space({"parameters": {
+        "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3},
+        "guidance": {"distribution": "choice", "values": [1.0, 7.5]},
+        "images_per_class": {"distribution": "choice", "values": [32, 64]},
+        "generator": {"distribution": "choice", "values": ["tiny", "tiny-sdxl"]}}})
+    assert space.to_tune()["images_per_class"].categories == [32, 64]
+    requests = space.generation_requests()
+    assert len(requests) == 8 and [r["images_per_class"] for r in requests[:4]] == [64] * 4
+    assert {frozenset(r) for r in requests} == {frozenset({"guidance", "images_per_class", "generator"})}
+
+
+def test_a_space_of_too_many_datasets_is_refused():
+    from regft.search_space import MAX_DATASETS
+
+    values = list(range(1, 10))  # 9 x 9 = 81 guidance x steps combinations
+    with pytest.raises(UserError, match=f"81 distinct datasets .* more than {MAX_DATASETS}"):
+        parse_search_space({"parameters": {
+            "guidance": {"distribution": "choice", "values": values},
+            "gen_steps": {"distribution": "choice", "values": values},
+            "images_per_class": {"distribution": "choice", "values": [8, 16]}}})
+
+
+def test_shipped_generation_space_varies_the_images_per_class():
+    space = load_search_space(ROOT / "regft" / "search_spaces" / "shapes-data.yaml")
+    assert space.generation_choices() == {"images_per_class": (50, 100)}

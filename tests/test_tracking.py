@@ -1,3 +1,4 @@
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,8 @@ from regft.mlflow_store import (
     flat_params,
     get_or_create_experiment,
 )
-from regft.tracking import MLflowTrialCallback, final_curves
+from regft.search_space import generation_key
+from regft.tracking import DatasetLineage, MLflowTrialCallback, final_curves
 
 
 def test_redact_hides_credentials():
@@ -45,9 +47,15 @@ def test_trial_callback_one_run_per_trial_even_after_restart(tmp_path):
     exp = get_or_create_experiment(client, "regft-test", str(tmp_path / "artifacts"))
     parent = client.create_run(exp, run_name="search").info.run_id
 
-    trial = SimpleNamespace(trial_id="abc_00001", config={"lr": 1e-3, "vc_weight": 0.1},
-                            last_result={})
-    cb = MLflowTrialCallback(uri, exp, parent, {"model": "tiny", "api_token": "s3cr3t"}, "s1")
+    trial = SimpleNamespace(trial_id="abc_00001", config={"lr": 1e-3, "vc_weight": 0.1,
+                                                          "images_per_class": 8}, last_result={})
+    # the search's datasets by generation key: the trial's run logs the one it trains on
+    datasets = {generation_key({"images_per_class": n}): DatasetLineage(
+        dataset_id=f"shapes-{n:016x}", path=str(tmp_path / f"shapes-{n:016x}"), images=3 * n,
+        generated=0, splits={"train": 3 * n - 2, "val": 2}, settings={"images_per_class": n})
+        for n in (4, 8)}
+    cb = MLflowTrialCallback(uri, exp, parent, {"model": "tiny", "api_token": "s3cr3t"}, "s1",
+                             datasets)
     cb.on_trial_start(0, [], trial)
     for epoch in (1, 2):
         cb.on_trial_result(0, [], trial, {"epoch": epoch, "select_metric": 0.1 * epoch, "final": False})
@@ -73,6 +81,13 @@ def test_trial_callback_one_run_per_trial_even_after_restart(tmp_path):
     assert sorted((m.step, m.value) for m in curve) == [(0, 0.31), (40, 0.41), (100, 0.21)]
     arts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "alpha_curve.png" in arts
+    # lineage (issue 14): one dataset input, logged once across the restart; digest = dataset id
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == "shapes-0000000000000008" == run.data.params["dataset_id"]
+    assert inp.dataset.name == "shapes-0000000000000008"
+    assert json.loads(inp.dataset.source)["uri"] == str(tmp_path / "shapes-0000000000000008")
+    assert json.loads(inp.dataset.profile) == {"images": 24, "train_images": 22, "val_images": 2}
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "train"
 
 
 def test_final_curves():
