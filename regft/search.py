@@ -43,7 +43,7 @@ from regft.cli import redact, shorten
 from regft.config import from_dict
 from regft.console_ray import TrialLines, ray_logs_dir
 from regft.errors import UserError
-from regft.generate import GenerationConfig, check_request, ensure_dataset, request_size_problems
+from regft.generate import GenerationConfig, check_request, generate_dataset, request_size_problems
 from regft.mlflow_store import (
     SEARCH_TAG,
     check_tracking_uri,
@@ -65,10 +65,17 @@ from regft.resources import (
     cluster_capacity,
     max_concurrent_trials,
 )
-from regft.search_space import SearchSpace, default_search_space_path, load_search_space
+from regft.search_space import (
+    SearchSpace,
+    default_search_space_path,
+    generation_fields,
+    generation_key,
+    load_search_space,
+    split_config,
+)
 from regft.searcher import fail_running_trials, make_searcher
 from regft.tasks import SHAPES_REAL, Task, resolve_task
-from regft.tracking import MLflowTrialCallback
+from regft.tracking import DatasetLineage, MLflowTrialCallback, log_datasets
 from regft.train import TrainConfig, build_trainer
 
 WEIGHTS_TAG = "regft.weights"  # random | pretrained, on the parent run
@@ -226,6 +233,9 @@ class SearchPlan:
     tracking_uri: str
     generation: GenerationConfig
     trial: TrainConfig  # what every trial starts from (its sampled values override)
+    # every dataset the search space can ask for: generation key -> its request, largest
+    # images_per_class first (one entry, key "{}", when the space varies no generation setting)
+    requests: dict[str, GenerationConfig] = field(default_factory=dict)
 
 
 def search_params(plan: SearchPlan) -> dict[str, Any]:
@@ -264,12 +274,30 @@ def plan_search(s: SearchSettings, flag_problems: list[str] = ()) -> SearchPlan:
         problems.append(f"--model {s.train.model} --pretrained {s.train.pretrained}: {e}")
     problems += _real_split_problems(s.train, task)
     generation = generation_config(s)
-    if task is not None and not flag_problems:  # else its checks restate the flag problems
-        problems += _generation_problems(generation)
+    requests, request_problems = dataset_requests(generation, space)
+    problems += request_problems
+    if task is not None and not flag_problems and not request_problems:  # else they restate those
+        problems += list(dict.fromkeys(
+            (f"search space {k}: {p}" if k != generation_key({}) else p)
+            for k, r in requests.items() for p in _generation_problems(r)))
     if problems:
         raise UserError(problems)
     return SearchPlan(s, task, space, space_path, tracking_uri, generation,
-                      trial_config(s, space.alpha.values()))
+                      trial_config(s, space.alpha.values()), requests)
+
+
+def dataset_requests(generation: GenerationConfig, space: SearchSpace | None
+                     ) -> tuple[dict[str, GenerationConfig], list[str]]:
+    """The generation request of every dataset the search space can ask for, by generation key
+    (the search's own request when the space has no generation dimension); a dimension whose
+    setting this generation config does not have is a problem."""
+    combos = space.generation_requests() if space is not None else [{}]
+    known = {f.name for f in dataclasses.fields(GenerationConfig)}
+    missing = sorted({k for c in combos for k in c} - known)
+    if missing:
+        return {}, [f"{space.source}: generation setting(s) {', '.join(missing)} are not supported "
+                    "by this version's generator config"]
+    return {generation_key(c): dataclasses.replace(generation, **c) for c in combos}, []
 
 
 def _real_split_problems(train: TrainConfig, task: Task | None) -> list[str]:
@@ -290,9 +318,9 @@ def _generation_problems(generation: GenerationConfig) -> list[str]:
     if problems:
         return problems
     try:
-        task, _ = check_request(generation)
+        task, _ = check_request(generation, label=lambda f: f"generation.{f}")
     except UserError as e:  # the task and the storage were checked by plan_search itself
-        return [p for p in e.problems if p.startswith("generator")]
+        return [p for p in e.problems if p.startswith(("generator", "generation."))]
     return request_size_problems(generation, task)
 
 
@@ -525,20 +553,68 @@ def open_parent_run(plan: SearchPlan, layout: SearchLayout) -> ParentRun:
 
 # ---------------------------------------------------------------- 5. the dataset --
 
-def prepare_dataset(plan: SearchPlan, parent: ParentRun) -> str:
-    """Step 5: the generated dataset (only what is missing is generated); its path."""
-    t0 = time.time()
-    dataset_path = ensure_dataset(plan.generation)
-    parent.client.set_tag(parent.run_id, "regft.dataset", redact(dataset_path))
-    if "dataset_id" not in parent.client.get_run(parent.run_id).data.params:  # a resumed search has it
-        parent.client.log_param(parent.run_id, "dataset_id", Path(dataset_path).name)
-    print(f"dataset: {dataset_path} (ready in {time.time() - t0:.0f} s)")
-    return dataset_path
+@dataclass(frozen=True)
+class SearchDatasets:
+    """The datasets of one search: generation key -> lineage (its path, counts, what was made)."""
+
+    by_key: dict[str, DatasetLineage]
+
+    def paths(self) -> dict[str, str]:
+        return {k: d.path for k, d in self.by_key.items()}
+
+    def for_config(self, config: Mapping[str, Any]) -> DatasetLineage:
+        """The dataset a trial of sampled `config` trains on."""
+        return self.by_key[generation_key(generation_fields(split_config(dict(config))[1]))]
+
+    @property
+    def generated(self) -> int:
+        return sum(d.generated for d in self.by_key.values())
+
+
+def prepare_datasets(plan: SearchPlan, parent: ParentRun) -> SearchDatasets:
+    """Step 5: every dataset the search space can ask for, made complete before any trial starts
+    (largest images_per_class first: a smaller count of otherwise equal settings is then its
+    first images per class, 0 generated; only what is missing is generated, once even when
+    another search asks for the same dataset at the same time: regft.generate's claim). The
+    trials only read complete datasets, so no trial waits for generation or holds resources it
+    needs (docs/ARCHITECTURE.md, "Generation in a search"). Each is logged as an input of the
+    parent run; `datasets.json` lists them with what this search generated for each."""
+    t0, by_key = time.time(), {}
+    for key, request in plan.requests.items():
+        res = generate_dataset(request)
+        varied = json.loads(key)
+        by_key[key] = DatasetLineage(
+            dataset_id=res.dataset_id, path=res.path, images=res.total, generated=res.generated,
+            splits=store.split_counts(res.path, plan.trial.val_fraction), settings=varied,
+            derived_from=(res.manifest.get("derived_from") or {}).get("dataset_id"))
+        what = (f"generated {res.generated}" if res.generated else
+                f"served from {by_key[key].derived_from}" if by_key[key].derived_from else "reused")
+        print(f"dataset {res.dataset_id}{' ' + key if varied else ''}: {res.total} images, {what}")
+    datasets = SearchDatasets(by_key)
+    log_search_datasets(parent, datasets)
+    print(f"datasets: {len(by_key)} ready in {time.time() - t0:.0f} s, {datasets.generated} images "
+          "generated")
+    return datasets
+
+
+def log_search_datasets(parent: ParentRun, datasets: SearchDatasets) -> None:
+    """The parent run's record of the datasets: inputs (MLflow's Datasets column), datasets.json,
+    `images_generated`; one dataset also as the `dataset_id` param and `regft.dataset` tag."""
+    client, run_id = parent.client, parent.run_id
+    lineages = list(datasets.by_key.values())
+    log_datasets(client, run_id, lineages, "search")
+    client.log_dict(run_id, [dataclasses.asdict(d) for d in lineages], "datasets.json")
+    client.log_metric(run_id, "images_generated", float(datasets.generated))
+    client.log_metric(run_id, "datasets", float(len(lineages)))
+    if len(lineages) == 1:
+        client.set_tag(run_id, "regft.dataset", redact(lineages[0].path))
+        if "dataset_id" not in client.get_run(run_id).data.params:  # a resumed search has it
+            client.log_param(run_id, "dataset_id", lineages[0].dataset_id)
 
 
 # ------------------------------------------------------------------ 6. the tuner --
 
-def trial_fn(config: dict, base: dict, dataset_path: str, train_storage: str, search_name: str):
+def trial_fn(config: dict, base: dict, datasets: dict[str, str], train_storage: str, search_name: str):
     """One Tune trial: one Ray Train fine-tune (+ alpha sweep) of the sampled configuration.
 
     Ray's guides call this the train driver function. It runs as a Tune function trainable;
@@ -546,9 +622,13 @@ def trial_fn(config: dict, base: dict, dataset_path: str, train_storage: str, se
     named from the trial id (no timestamp), so a restarted trial (driver killed, `--resume`) finds
     its run folder and resumes from its last checkpoint. (The name stays `trial_fn`: Tune names
     the trials' folders after it, `searches/<name>/trial_fn_<id>`.)
+    `datasets`: generation key -> complete dataset (prepare_datasets); the trial trains on the one
+    of its sampled generation values (none sampled: the search's one dataset, key "{}").
     """
     trial_id = tune.get_context().get_trial_id()
-    cfg = TrainConfig.from_dict({**base, **config}, where=f"trial {trial_id}")
+    train_values, generation_values = split_config(config)
+    cfg = TrainConfig.from_dict({**base, **train_values}, where=f"trial {trial_id}")
+    dataset_path = datasets[generation_key(generation_fields(generation_values))]
     run_config = ray.train.RunConfig(
         name=f"{search_name}-{trial_id}",
         storage_path=train_storage,
@@ -558,21 +638,21 @@ def trial_fn(config: dict, base: dict, dataset_path: str, train_storage: str, se
     build_trainer(cfg, dataset_path, run_config).fit()
 
 
-def build_tuner(plan: SearchPlan, layout: SearchLayout, parent: ParentRun, dataset_path: str,
+def build_tuner(plan: SearchPlan, layout: SearchLayout, parent: ParentRun, datasets: SearchDatasets,
                 cap: dict[str, float]) -> tune.Tuner:
     """Step 6: the trainable (a trial driver holding TRIAL_DRIVER_CPU), the MLflow callback, and a
     new Tuner (seeded TPE behind a concurrency limit, ASHA or FIFO) or the restored one."""
     s = plan.settings
     base = plan.trial.to_dict()
     static = {**base, "alpha_grid": str(plan.trial.alpha_grid), "generator": plan.generation.generator,
-              "dataset_id": Path(dataset_path).name, "search": layout.name}
+              "search": layout.name}  # + each trial's dataset_id (MLflowTrialCallback)
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, base=base, dataset_path=dataset_path,
+        tune.with_parameters(trial_fn, base=base, datasets=datasets.paths(),
                              train_storage=layout.train_root, search_name=layout.name),
         {"cpu": TRIAL_DRIVER_CPU},
     )
     callback = MLflowTrialCallback(plan.tracking_uri, parent.experiment_id, parent.run_id, static,
-                                   layout.name)
+                                   layout.name, datasets.by_key)
     n_conc = max_concurrent_trials(plan.trial, cap, s.num_samples, s.max_concurrent)
     print(f"search {layout.name}: {s.num_samples} trials, up to {n_conc} at a time, scheduler "
           f"{s.scheduler}; MLflow experiment {parent.experiment!r} at {redact(plan.tracking_uri)}")
@@ -733,11 +813,13 @@ def fail_search(layout: SearchLayout, parent: ParentRun) -> int:
 # ------------------------------------------------------------- 8. the deliverable --
 
 def deliver(plan: SearchPlan, layout: SearchLayout, parent: ParentRun, outcome: SearchOutcome,
-            results, dataset_path: str) -> str:
+            results, datasets: SearchDatasets) -> str:
     """Step 8: the summary and the parent run's artifacts, then the best ensembled model exported
     and registered (a failed export is a warning: the search's results stand). Returns what to
     print."""
     best = outcome.best
+    dataset_path = datasets.for_config(best.config).path  # the data the best trial trained on
+    parent.client.log_param(parent.run_id, "best/dataset_id", Path(dataset_path).name)
     summary = summary_table(best.row(), layout.name, plan.tracking_uri, parent.run_id)
     if weights_label(plan.settings) == RANDOM_WEIGHTS:
         summary += f"\n  {RANDOM_WEIGHTS_NOTE}"
@@ -868,8 +950,8 @@ def run_search(s: SearchSettings, flag_problems: list[str] = ()) -> int:
     parent = open_parent_run(plan, layout)                              # 4
     try:
         write_search_file(plan, layout)
-        dataset_path = prepare_dataset(plan, parent)                    # 5
-        tuner = build_tuner(plan, layout, parent, dataset_path, cap)   # 6
+        datasets = prepare_datasets(plan, parent)                       # 5
+        tuner = build_tuner(plan, layout, parent, datasets, cap)       # 6
         console.log_to(search_log(layout))  # only now: Tune creates the folder as fit() starts
         results = tuner.fit()
     except BaseException as e:  # the parent run is never left RUNNING by a failed search
@@ -878,5 +960,5 @@ def run_search(s: SearchSettings, flag_problems: list[str] = ()) -> int:
     outcome = collect_results(results, plan, layout, parent)            # 7
     if outcome.best is None:
         return fail_search(layout, parent)
-    print(deliver(plan, layout, parent, outcome, results, dataset_path))  # 8
+    print(deliver(plan, layout, parent, outcome, results, datasets))  # 8
     return 0
