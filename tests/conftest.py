@@ -2,9 +2,10 @@
 
 - HF_HUB_OFFLINE=1: tests never touch a model hub.
 - One local Ray per test session (`ray_local` fixture), started with address="local" so it never
-  attaches to another cluster on the machine, auth disabled (a private local Ray has no other
-  users; token auth would need a token file on the machine), and shut down at the end of the
-  session.
+  attaches to another cluster on the machine, and shut down at the end of the session. Token
+  auth is off: regft.raylocal binds every server to 127.0.0.1 (test_reliability tests that), so
+  only local users could reach it, for the minutes a test session lasts, and token auth would
+  need a token file written on the machine (docs/RELIABILITY.md, "Who can reach Ray").
 """
 from __future__ import annotations
 
@@ -89,12 +90,15 @@ def regft_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def shapes_smoke(_ray_session, tmp_path_factory):
     """One `python -m regft.tune shapes --preset smoke --num-samples 1` run (the README's
-    quickstart with one trial, ~3 min on 2 cores), shared by every test that reads its results.
+    quickstart with one trial, ~3 min on 2 cores), shared by every test that reads its results
+    (test_shapes_smoke: the method's numbers; test_deliver: export, registry, predict, evaluate).
 
-    Returns rc, stdout, storage root, tracking URI, MLflow experiment and the audit log path.
+    Returns rc, stdout, storage root, tracking URI, MLflow experiment, the audit log path and
+    the argv (without --audit-log) that reruns it.
     """
     import contextlib
     import io
+    import time
 
     from regft.tune import main
 
@@ -103,12 +107,15 @@ def shapes_smoke(_ray_session, tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     out = io.StringIO()
     # both streams, as a person sees them: regft.console filters what reaches them (issue 15)
+    argv = ["shapes", "--preset", "smoke", "--num-samples", "1", "--name", "smoke-e2e",
+            "--storage", str(root / "runs"), "--tracking-uri", uri]
+    t0 = time.monotonic()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        rc = main(["shapes", "--preset", "smoke", "--num-samples", "1", "--name", "smoke-e2e",
-                   "--storage", str(root / "runs"), "--tracking-uri", uri,
-                   "--audit-log", str(root / "audit.jsonl")])
-    return {"rc": rc, "out": out.getvalue(), "storage": root / "runs", "tracking_uri": uri,
-            "experiment": "regft-shapes", "audit": root / "audit.jsonl", "search": "smoke-e2e"}
+        rc = main([*argv, "--audit-log", str(root / "audit.jsonl")])
+    return {"rc": rc, "out": out.getvalue(), "wall_s": time.monotonic() - t0,
+            "storage": root / "runs", "tracking_uri": uri,
+            "experiment": "regft-shapes", "audit": root / "audit.jsonl", "search": "smoke-e2e",
+            "argv": argv}
 
 
 # A learnable toy task for the plain-torch tests (test_engine, test_loop): class k is a noisy
@@ -131,20 +138,42 @@ def colour_images(n: int, seed: int, size: int = 32):
     return np.clip(imgs + rng.normal(0, 12, imgs.shape), 0, 255).astype(np.uint8), labels
 
 
-# README's quickstart prints at most about this many lines for 2 trials x 13 epochs (issue 15)
+# README's quickstart prints at most about this many lines for 2 trials x 13 epochs (issue 15),
+# not counting Tune's status tables: those come every STATUS_INTERVAL_S of wall time, so a
+# loaded machine prints more of them, each at most MAX_TABLE_LINES long
 MAX_CONSOLE_LINES = 150
+MAX_TABLE_LINES = 20
+# the lines of one Tune status table: its header lines, then a box drawn with these characters
+_TABLE_HEAD = ("Trial status:", "Current time:", "Current best trial:", "Logical resource usage:")
+_TABLE_BOX = ("╭", "│", "├", "╰")
 
 
-def assert_readable_console(out: str, log_file, trials: int) -> None:
-    """What a search printed (both streams, through regft.console) is short, shows each epoch of
-    each of its `trials` exactly once and one end line per trial, has no cursor-up sequence and
-    no core_worker line; `log_file` (search.log) holds every line of it."""
+def _tables(lines: list[str]) -> list[list[str]]:
+    """Tune's status tables in `lines`, each as its lines."""
+    tables: list[list[str]] = []
+    for line in lines:
+        if line.startswith("Trial status:"):
+            tables.append([line])
+        elif tables and line.startswith(_TABLE_HEAD + _TABLE_BOX) and tables[-1][-1][:1] != "╰":
+            tables[-1].append(line)
+    return tables
+
+
+def assert_readable_console(out: str, log_file, trials: int, wall_s: float) -> None:
+    """What a search printed (both streams, through regft.console) in `wall_s` seconds is short
+    (a fixed budget, plus one status table per STATUS_INTERVAL_S), shows each epoch of each of
+    its `trials` exactly once and one end line per trial, has no cursor-up sequence and no
+    core_worker line; `log_file` (search.log) holds every line of it."""
     import re
 
     from regft.console import plain
+    from regft.console_ray import STATUS_INTERVAL_S
 
     lines = out.splitlines()
-    assert len(lines) <= MAX_CONSOLE_LINES, len(lines)
+    tables = _tables(lines)
+    assert len(tables) <= 1 + wall_s / STATUS_INTERVAL_S, (len(tables), wall_s)
+    assert all(len(table) <= MAX_TABLE_LINES for table in tables), max(map(len, tables))
+    assert len(lines) - sum(map(len, tables)) <= MAX_CONSOLE_LINES, len(lines)
     assert "\x1b[A" not in out and "core_worker" not in out
     started = re.findall(r"^trial (\w+)  started:", out, re.M)
     assert len(started) == trials, started

@@ -1,6 +1,7 @@
-"""Issue 8 end to end: one offline smoke search on the shapes testbed exports its best model,
-logs it to the parent MLflow run and registers it; the export, the registered pyfunc model and
-the CLIs agree with each other, with the in-memory ensemble and with the logged accuracy."""
+"""Issue 8 end to end, on the session's one shapes smoke search (conftest `shapes_smoke`, the
+README quickstart with one trial): the search exports its best model, logs it to the parent
+MLflow run and registers it; the export, the registered pyfunc model and the CLIs agree with
+each other, with the in-memory ensemble and with the logged accuracy."""
 from __future__ import annotations
 
 import json
@@ -9,32 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.timeout(480)
-
-SEARCH = "deliver-e2e"
-ARGS = ["shapes", "--preset", "smoke", "--num-samples", "1", "--epochs", "1", "--images-per-class",
-        "24", "--batch-size", "32", "--warmup-steps", "2", "--scheduler", "fifo", "--name", SEARCH]
+pytestmark = pytest.mark.timeout(900)  # the first to ask builds the shared search
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, ray_local_module):
-    """One tiny search (1 trial, 1 epoch, 24 generated images per class, real test rendered)."""
+def search(shapes_smoke):
+    """What the delivery tests read of the shared smoke search."""
     from mlflow.tracking import MlflowClient
 
-    from regft.shapes import write_real_test
-    from regft.tune import main
-
-    tmp = tmp_path_factory.mktemp("deliver")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    real = write_real_test(str(tmp / "real"), n_per_class=4)  # 64 images, an ImageFolder
-    rc = main([*ARGS, "--real-test", real, "--storage", str(tmp / "store"), "--tracking-uri", uri])
-    assert rc == 0
+    assert shapes_smoke["rc"] == 0, shapes_smoke["out"][-3000:]
+    uri = shapes_smoke["tracking_uri"]
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("regft-shapes")
+    exp = client.get_experiment_by_name(shapes_smoke["experiment"])
     (parent,) = [r for r in client.search_runs([exp.experiment_id])
                  if r.data.tags.get("regft.role") == "search"]
-    return {"uri": uri, "client": client, "parent": parent, "tmp": tmp, "real": real,
-            "export": tmp / "store" / "exports" / SEARCH}
+    store = shapes_smoke["storage"]
+    return {"uri": uri, "client": client, "parent": parent, "store": store, "real": "shapes:real",
+            "export": store / "exports" / shapes_smoke["search"], "argv": shapes_smoke["argv"]}
 
 
 def _images(n_per_class: int = 2):
@@ -74,7 +66,7 @@ def test_export_predicts_like_the_in_memory_ensemble(search):
     from regft.models import build_classifier, create_clip
     from regft.shapes import shapes_task
 
-    finals = [p.parent for p in (search["tmp"] / "store" / "train").rglob("meta.json")
+    finals = [p.parent for p in (search["store"] / "train").rglob("meta.json")
               if json.loads(p.read_text()).get("final")]
     state, meta = load_checkpoint(str(finals[0]))
     bundle = create_clip(meta.model, meta.pretrained)
@@ -130,18 +122,31 @@ def test_evaluate_reproduces_the_logged_accuracy(search, capsys):
     logged = parent.data.metrics["best/ens_real_test_acc"]
     assert evaluate([str(search["export"]), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["real_test"] == search["real"] and out["total"] == 64
+    assert out["real_test"] == search["real"] and out["total"] == 1600
     assert out["accuracy"] == logged and out["reproduced"] is True
     # the same through the registry, in words
     assert evaluate(["models:/regft-shapes/1", "--tracking-uri", search["uri"]]) == 0
     assert "reproduced exactly" in capsys.readouterr().out
 
 
-def test_resume_of_a_finished_search_keeps_one_export_and_version(search, capsys):
+def test_the_same_images_from_a_folder_give_the_same_accuracy(search, tmp_path, capsys):
+    """The real split written as an ImageFolder (PNG, lossless) and read back through the
+    folder reader scores exactly what the in-memory render scored: decoding changes nothing."""
+    from regft.evaluate import main as evaluate
+    from regft.shapes import write_real_test
+
+    folder = write_real_test(str(tmp_path / "real"))
+    assert evaluate([str(search["export"]), "--real-test", folder, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total"] == 1600 and out["reproduced"] is None  # another split: nothing to compare
+    assert out["accuracy"] == search["parent"].data.metrics["best/ens_real_test_acc"]
+
+
+def test_resume_of_a_finished_search_keeps_one_export_and_version(search, tmp_path, capsys):
     from regft.tune import main
 
-    rc = main([*ARGS, "--real-test", search["real"], "--storage", str(search["tmp"] / "store"),
-               "--tracking-uri", search["uri"], "--resume"])
+    # its own audit log: the smoke tests read the first run's
+    rc = main([*search["argv"], "--resume", "--audit-log", str(tmp_path / "audit.jsonl")])
     assert rc == 0
     assert "models:/regft-shapes/1" in capsys.readouterr().out
     versions = search["client"].search_model_versions("name='regft-shapes'")

@@ -95,4 +95,5 @@ def test_console_is_readable_and_the_search_log_holds_it_all(shapes_smoke):
 
     assert shapes_smoke["rc"] == 0, shapes_smoke["out"][-3000:]
     log_file = shapes_smoke["storage"] / "searches" / shapes_smoke["search"] / "search.log"
-    assert_readable_console(shapes_smoke["out"], log_file, trials=1)
+    assert_readable_console(shapes_smoke["out"], log_file, trials=1,
+                            wall_s=shapes_smoke["wall_s"])
