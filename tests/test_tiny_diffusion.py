@@ -36,12 +36,6 @@ def test_save_load_roundtrip_and_seed_purity(tmp_path):
     assert not np.allclose(a[0], a[1])
 
 
-def _gen_xl(pipe, prompts, seeds):
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompts, num_inference_steps=2, guidance_scale=5.0, height=32, width=32,
-                generator=gens, output_type="np").images
-
-
 def test_tiny_sdxl_saves_and_loads_through_the_auto_pipeline(tmp_path):
     """tiny-sdxl is SDXL's structure: two text encoders (the second with a projection) whose
     pooled output joins the size conditioning in the UNet's added embedding; saved once, loaded
@@ -59,9 +53,9 @@ def test_tiny_sdxl_saves_and_loads_through_the_auto_pipeline(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     proj = pipe.text_encoder_2.config.projection_dim
     assert pipe.unet.add_embedding.linear_1.in_features == SDXL_TIME_IDS * TINY_TIME_EMBED_DIM + proj
-    a = _gen_xl(pipe, ["a cat", "a dog"], [1, 2])
+    a = _gen(pipe, ["a cat", "a dog"], [1, 2])
     built = build_tiny_sdxl_pipeline()
     built.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(a, _gen_xl(built, ["a cat", "a dog"], [1, 2]))
-    np.testing.assert_allclose(_gen_xl(pipe, ["a dog"], [2])[0], a[1], atol=1e-5)  # seed purity
+    np.testing.assert_array_equal(a, _gen(built, ["a cat", "a dog"], [1, 2]))
+    np.testing.assert_allclose(_gen(pipe, ["a dog"], [2])[0], a[1], atol=1e-5)  # seed purity
     assert a.shape == (2, 32, 32, 3) and not np.allclose(a[0], a[1])
