@@ -236,3 +236,22 @@ def test_settings_a_pipeline_cannot_take_are_refused_before_loading(one_thread, 
         make_generator(lcm, **kw, options={"negative_prompt": "blurry"})
     with pytest.raises(ValueError, match="not one diffusers' AutoPipelineForText2Image loads"):
         make_generator(_pipeline_folder(tmp_path / "i2i", "NoSuchPipeline"), **kw)
+
+
+def test_a_cached_hub_id_loads_offline_by_its_id(tiny_sdxl, tmp_path, monkeypatch):
+    """A model id found in the Hugging Face cache (a snapshot folder, as a download leaves it)
+    loads offline through the same AutoPipeline path; its revision is the snapshot's commit."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-sdxl"
+    shutil.copytree(tiny_sdxl.source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    g = make_generator("someone/tiny-sdxl", resolution=32, steps=2, guidance=5.0)
+    ident = g.identity()
+    assert (ident["model"], ident["revision"]) == ("someone/tiny-sdxl", commit)
+    assert ident["pipeline"] == "StableDiffusionXLPipeline"
+    assert np.array_equal(g.generate(PROMPTS[:1], SEEDS[:1], [0], ["x"])[0], _gen(tiny_sdxl, [0])[0])
