@@ -59,9 +59,13 @@ from regft.tiny_diffusion import TINY_RESOLUTION, TINY_VARIANTS, materialize_tin
 # builds generators (shapes, identity checks) without ever loading one
 
 PAPER_GENERATOR = "stabilityai/stable-diffusion-2-1-base"  # docs/method.md: SD 2.1-base
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # the paper's SDXL
+SDXL_RESOLUTION = 1024  # what SDXL is trained at (its UNet's sample_size 128 x VAE factor 8)
 DTYPES = ("auto", "fp16", "bf16", "fp32")
-# generators with a native size; anything else is a real Stable Diffusion model, 512 px
-NATIVE_RESOLUTION = {**{name: TINY_RESOLUTION for name in TINY_VARIANTS}, "shapes": shapes.RESOLUTION}
+# generators with a native size; a saved folder says its own (native_resolution); anything
+# else is a real Stable Diffusion model, 512 px
+NATIVE_RESOLUTION = {**{name: TINY_RESOLUTION for name in TINY_VARIANTS}, "shapes": shapes.RESOLUTION,
+                     SDXL_BASE: SDXL_RESOLUTION}
 DEFAULT_RESOLUTION = 512
 # generators built into regft (no weights to locate or download)
 BUILTIN_GENERATORS = (*TINY_VARIANTS, "shapes")
@@ -86,7 +90,17 @@ class ImageGenerator(Protocol):
 
 
 def native_resolution(name: str) -> int:
-    return NATIVE_RESOLUTION.get(name, DEFAULT_RESOLUTION)
+    """The size a generator makes by default: its own, or for a saved pipeline folder what its
+    configs say it was trained at (the UNet's sample_size in latents x the VAE factor)."""
+    if name in NATIVE_RESOLUTION or not os.path.isdir(name):
+        return NATIVE_RESOLUTION.get(name, DEFAULT_RESOLUTION)
+    unet, vae = Path(name) / "unet" / "config.json", Path(name) / "vae" / "config.json"
+    try:
+        size = json.loads(unet.read_text(encoding="utf-8")).get("sample_size")
+        factor = _vae_factor(json.loads(vae.read_text(encoding="utf-8")) if vae.is_file() else None)
+    except (OSError, ValueError, AttributeError):  # no or unreadable UNet config: the SD default
+        return DEFAULT_RESOLUTION
+    return size * factor if isinstance(size, int) and size > 0 else DEFAULT_RESOLUTION
 
 
 def resolve_torch_dtype(dtype: str, device: str):

@@ -255,3 +255,15 @@ def test_a_cached_hub_id_loads_offline_by_its_id(tiny_sdxl, tmp_path, monkeypatc
     assert (ident["model"], ident["revision"]) == ("someone/tiny-sdxl", commit)
     assert ident["pipeline"] == "StableDiffusionXLPipeline"
     assert np.array_equal(g.generate(PROMPTS[:1], SEEDS[:1], [0], ["x"])[0], _gen(tiny_sdxl, [0])[0])
+
+
+def test_native_resolution_of_sdxl_and_of_a_saved_folder(tiny, tiny_sdxl, tmp_path):
+    """SDXL is made at 1024 px by default (SD at 512); a saved folder's default is what its
+    configs say (UNet sample_size x VAE factor): the tiny folders say 32."""
+    from regft.generate import GenerationConfig
+    from regft.generators import PAPER_GENERATOR, SDXL_BASE, native_resolution
+
+    assert native_resolution(SDXL_BASE) == 1024 and native_resolution(PAPER_GENERATOR) == 512
+    for g in (tiny, tiny_sdxl):
+        assert GenerationConfig(generator=g.source).effective_resolution() == 32
+    assert native_resolution(str(tmp_path)) == 512  # no UNet config: the SD default
