@@ -260,15 +260,25 @@ def alpha_sweep(
     model: nn.Module,
     evaluate_fn: Callable[[nn.Module], float],
     alphas: Sequence[float],
+    memo: Callable[[float, Callable[[], float]], float] | None = None,
 ) -> list[tuple[float, float]]:
     """[(alpha, evaluate_fn(model with theta(alpha)))]: interpolate once per alpha, no training.
 
+    `memo(alpha, point)` may return a point's value without calling `point()` (the value of a
+    point computed before: the zero-shot model's accuracy, regft.shared_work).
     `model` is left holding theta(alphas[-1]); reload the weights you need afterwards.
     """
     curve = []
+    loaded = None
     for alpha in alphas:
-        model.load_state_dict(interpolate(theta_0, theta_1, alpha))
-        curve.append((float(alpha), float(evaluate_fn(model))))
+        def point(alpha=alpha) -> float:
+            nonlocal loaded
+            model.load_state_dict(interpolate(theta_0, theta_1, alpha))
+            loaded = alpha
+            return float(evaluate_fn(model))
+        curve.append((float(alpha), float(memo(float(alpha), point) if memo else point())))
+    if alphas and loaded != alphas[-1]:
+        model.load_state_dict(interpolate(theta_0, theta_1, alphas[-1]))
     return curve
 
 

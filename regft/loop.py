@@ -126,10 +126,11 @@ class AlphaChoice:
 
 def choose_alpha(theta_0: StateDict, theta_1: StateDict, model: nn.Module,
                  accuracy_fn: Callable[[nn.Module], float], alphas: Sequence[float], *, rule: str,
-                 n_images: int, split: str) -> AlphaChoice:
-    """Sweep theta(alpha) on the selection split (`accuracy_fn`) and pick alpha by `rule`.
-    `model` is left holding theta(alphas[-1])."""
-    curve = engine.alpha_sweep(theta_0, theta_1, model, accuracy_fn, [float(a) for a in alphas])
+                 n_images: int, split: str, memo=None) -> AlphaChoice:
+    """Sweep theta(alpha) on the selection split (`accuracy_fn`; `memo` as engine.alpha_sweep's)
+    and pick alpha by `rule`. `model` is left holding theta(alphas[-1])."""
+    curve = engine.alpha_sweep(theta_0, theta_1, model, accuracy_fn, [float(a) for a in alphas],
+                               memo=memo)
     alpha = engine.select_alpha(curve, rule, n_val=n_images)
     return AlphaChoice(split=split, rule=rule, n_images=n_images, curve=curve, alpha=alpha)
 

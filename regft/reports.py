@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Union
 
+from regft.phases import is_phase_key
+
 # The evaluation splits, in the order the worker evaluates (and reports) them. Only the first two
 # may select the epoch and alpha; the real test split is reported, never used to select.
 SPLITS = ("synthetic_val", "real_val", "real_test")
@@ -232,8 +234,10 @@ def report_from_dict(data: dict, where: str = "report") -> Report:
 
 
 def parse_result(result: dict, where: str = "Tune result") -> Report:
-    """The typed report inside a result Tune hands back (its bookkeeping keys dropped)."""
-    return report_from_dict({k: v for k, v in result.items() if k not in BOOKKEEPING_KEYS}, where)
+    """The typed report inside a result Tune hands back (its bookkeeping keys and the worker's
+    phase timings, regft.phases, dropped)."""
+    return report_from_dict({k: v for k, v in result.items()
+                             if k not in BOOKKEEPING_KEYS and not is_phase_key(k)}, where)
 
 
 # ---------------------------------------------------------------- checkpoint meta ----

@@ -46,6 +46,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,10 @@ from regft.loop import (
     train_epoch,
 )
 from regft.metrics import diversity_scores
-from regft.models import build_classifier, create_clip
+from regft import phases as phase_stamps
+from regft.phases import Phases
+from regft import shared_work
+from regft.models import build_classifier, create_clip, encode_texts, logit_scale_of
 from regft.realdata import Audit, Sealed, check_real_data, has_real_test, open_real_split
 from regft.reports import (
     SELECTION_SPLITS,
@@ -119,7 +123,8 @@ from regft.resources import check_resources, cluster_capacity
 from regft.search_space import MAX_ALPHAS
 from regft.store import TorchImageDataset
 from regft.tasks import Task, resolve_task, unsafe_name_problem
-from regft.zeroshot import ImageClassifier
+from regft.shared_work import SharedWork
+from regft.zeroshot import ImageClassifier, zeroshot_head
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +362,11 @@ class WorkerConfig:
     steps_per_epoch: int
     fault: dict | None  # regft.faults test hook
     train_pil: str  # repr of the driver's augmentation (the Data pipeline's), checked on the worker
+    # wall clock (time.time()) when the trial function started and when the trainer was built:
+    # the worker turns them into the phases before it runs (regft.phases); None outside a trial
+    started: float | None = None
+    built: float | None = None
+    shared: str | None = None  # the search's shared-work folder (regft.shared_work)
 
 
 @dataclass(frozen=True)
@@ -370,6 +380,9 @@ class Worker:
     device: torch.device
     audit: Audit
     precision: Precision
+    phases: Phases = field(default_factory=Phases)
+    started: float | None = None  # wall clock of the trial function's start (WorkerConfig)
+    shared: SharedWork = field(default_factory=lambda: SharedWork(None))
 
     def print(self, msg: str) -> None:
         if self.rank == 0:
@@ -377,13 +390,21 @@ class Worker:
 
 
 def setup_worker(wc: WorkerConfig) -> Worker:
+    """The rank's Worker; its phases start with the driver's (trainer build, worker group start:
+    the wall clock from the trainer being built to now)."""
+    now = time.time()
     cfg = TrainConfig.from_dict(wc.train, where="train_loop_config.train")
     rank, world = rank_and_world()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    phases = Phases()
+    if wc.started is not None and wc.built is not None:
+        phases.add("trainer_build", wc.built - wc.started)
+        phases.add("worker_group_start", now - wc.built)
     return Worker(cfg=cfg, task=resolve_train_task(cfg), rank=rank, world=world, device=device,
-                  audit=Audit(cfg.audit_log, rank), precision=precision_for(cfg.precision, device))
+                  audit=Audit(cfg.audit_log, rank), precision=precision_for(cfg.precision, device),
+                  phases=phases, started=wc.started, shared=SharedWork(wc.shared))
 
 
 @dataclass(frozen=True)
@@ -396,18 +417,30 @@ class ZeroShot:
     eval_tf: SplitTransform
     image_size: int
     architecture: dict | None  # recorded with the final weights (regft.export)
+    digest: str | None = None  # theta_0's content hash when work is shared (regft.shared_work)
 
 
 def build_zero_shot(w: Worker, expected_train_pil: str) -> ZeroShot:
+    """CLIP and its zero-shot head (the head read from the search's shared work when there is
+    one: the same text tower over the same prompts gives the same head in every trial)."""
     bundle = create_clip(w.cfg.model, w.cfg.pretrained, seed=w.cfg.seed, device=w.device)
-    classifier = build_classifier(bundle, w.task, device=w.device)
+    if w.shared.root is None:
+        classifier = build_classifier(bundle, w.task, device=w.device)
+    else:
+        texts, scale = w.task.zeroshot_texts(), logit_scale_of(bundle.model)
+        key = shared_work.head_key(bundle.model.state_dict(), texts, scale, w.device.type)
+        head = w.shared.head(key, lambda: zeroshot_head(
+            encode_texts(bundle.model, bundle.tokenizer, texts, device=w.device), scale))
+        classifier = ImageClassifier(bundle.model, head).to(w.device)
+    theta_0 = state_dict_cpu(classifier)
     train_tf = split_clip_transform(bundle.preprocess_train)
     if repr(train_tf.pil) != expected_train_pil:  # the Data pipeline's augmentation is this model's
         w.print(f"warning: the data pipeline augments with {expected_train_pil}, but "
                 f"{w.cfg.model}/{w.cfg.pretrained} preprocesses with {train_tf.pil!r}")
-    return ZeroShot(classifier=classifier, theta_0=state_dict_cpu(classifier), train_tf=train_tf,
+    return ZeroShot(classifier=classifier, theta_0=theta_0, train_tf=train_tf,
                     eval_tf=split_clip_transform(bundle.preprocess_eval),
-                    image_size=bundle.image_size, architecture=architecture_or_none(bundle))
+                    image_size=bundle.image_size, architecture=architecture_or_none(bundle),
+                    digest=None if w.shared.root is None else shared_work.state_digest(theta_0))
 
 
 class Evaluator:
@@ -415,16 +448,42 @@ class Evaluator:
     over ranks. The real test split stays sealed until `open_real_test` (after selection)."""
 
     def __init__(self, w: Worker, dataset_path: str, zs: ZeroShot):
-        self.w, self.tf, self.image_size = w, zs.eval_tf, zs.image_size
+        self.w, self.tf, self.image_size, self.zs = w, zs.eval_tf, zs.image_size, zs
         cfg, task, to_uint8 = w.cfg, w.task, zs.eval_tf.to_uint8
-        self.sets = {"synthetic_val": self._share(
-            TorchImageDataset(dataset_path, "val", to_uint8, cfg.val_fraction))}
+        # each split's identity, for the shared work (its decoded images, theta_0's accuracy)
+        self.keys = {"synthetic_val": shared_work.split_key(
+            {"dataset": os.path.basename(dataset_path.rstrip("/")), "split": "val",
+             "val_fraction": cfg.val_fraction}, repr(to_uint8))}
+        self.sets = {"synthetic_val": self._share(self._decoded("synthetic_val", TorchImageDataset(
+            dataset_path, "val", to_uint8, cfg.val_fraction)))}
+        for split, path, kind in (("real_val", cfg.real_val, "val"), ("real_test", cfg.real_test, "test")):
+            self.keys[split] = shared_work.split_key(
+                {"real": path, "split": kind, "classnames": list(task.classnames),
+                 "builtin": task.real_test if path is None else None}, repr(to_uint8))
         if cfg.real_val:
-            self.sets["real_val"] = self._share(open_real_split(task, cfg.real_val, "val", to_uint8))
+            self.sets["real_val"] = self._share(self._decoded(
+                "real_val", open_real_split(task, cfg.real_val, "val", to_uint8)))
         self.real_test = None
         if has_real_test(task, cfg.real_test):
-            self.real_test = Sealed("real_test", lambda: open_real_split(task, cfg.real_test, "test",
-                                                                         to_uint8), w.audit)
+            self.real_test = Sealed("real_test", lambda: self._decoded("real_test", open_real_split(
+                task, cfg.real_test, "test", to_uint8)), w.audit)
+
+    def _decoded(self, split: str, dataset):
+        return self.w.shared.decoded(self.keys[split], dataset)
+
+    def zero_shot(self, split: str, compute: Callable[[], float]) -> float:
+        """theta_0's accuracy on `split`: the search's shared value, else `compute()` (which
+        evaluates theta_0 as the sweep does) and stored for the other trials."""
+        if self.zs.digest is None:
+            return compute()
+        how = {"eval_batch_size": self.w.cfg.eval_batch_size, "world": self.w.world,
+               "device": self.w.device.type, "autocast": str(self.w.precision.autocast_dtype)}
+        return self.w.shared.accuracy(shared_work.accuracy_key(self.zs.digest, self.keys[split], how),
+                                      compute)
+
+    def memo(self, split: str):
+        """engine.alpha_sweep's memo for `split`: alpha 0 is theta_0, shared by every trial."""
+        return lambda alpha, point: self.zero_shot(split, point) if alpha == 0.0 else point()
 
     def _share(self, dataset) -> EvalSet:
         share = range(self.w.rank, len(dataset), self.w.world)
@@ -526,19 +585,31 @@ def _sibling_checkpoint_state(checkpoint, epoch: int) -> StateDict | None:
     return None if folder is None else ckpt.load_weights(fs, folder)
 
 
-def shard_batches(w: Worker, shard, train_tf: SplitTransform) -> Iterator[Batch]:
+def shard_batches(w: Worker, shard, train_tf: SplitTransform,
+                  first_wait: list[float] | None = None) -> Iterator[Batch]:
     """This rank's equal share (`shard`, a Ray DataIterator) of one epoch of the stream,
-    normalised on the worker's device."""
+    normalised on the worker's device. `first_wait` gets the seconds until the first batch."""
+    t0 = w.phases.clock()
     for batch in shard.iter_torch_batches(batch_size=w.cfg.batch_size // w.world, drop_last=True,
                                           prefetch_batches=PREFETCH_BATCHES):
+        if first_wait is not None and not first_wait:
+            first_wait.append(w.phases.clock() - t0)
         yield normalize_uint8(batch["image"], train_tf.mean, train_tf.std), batch["label"]
 
 
-def train_one_epoch(w: Worker, shard, model, optimizer, scheduler, train_tf: SplitTransform) -> EpochStats:
-    return train_epoch(model, shard_batches(w, shard, train_tf), optimizer, scheduler,
-                       vc_weight=w.cfg.vc_weight, vc_cov_ratio=w.cfg.vc_cov_ratio,
-                       grad_clip=w.cfg.grad_clip, precision=w.precision,
-                       gather_fn=gather_features if w.world > 1 else None, device=w.device)
+def train_one_epoch(w: Worker, shard, model, optimizer, scheduler, train_tf: SplitTransform,
+                    first: bool = False) -> EpochStats:
+    """One epoch (phase `train`); the run's `first` epoch books its wait for the first batch as
+    `data_start` (Ray Data's pipeline starting)."""
+    wait: list[float] = []
+    with w.phases("train"):
+        stats = train_epoch(model, shard_batches(w, shard, train_tf, wait), optimizer, scheduler,
+                            vc_weight=w.cfg.vc_weight, vc_cov_ratio=w.cfg.vc_cov_ratio,
+                            grad_clip=w.cfg.grad_clip, precision=w.precision,
+                            gather_fn=gather_features if w.world > 1 else None, device=w.device)
+    if first and wait:
+        w.phases.move("train", "data_start", wait[0])
+    return stats
 
 
 def diverged_report(epoch: int, stats: EpochStats) -> DivergedReport:
@@ -584,7 +655,8 @@ def choose_worker_alpha(w: Worker, ev: Evaluator, zs: ZeroShot, progress: Progre
     """Alpha on the selection split only (the real test split is still sealed)."""
     split = w.cfg.selection_metric
     choice = choose_alpha(zs.theta_0, progress.theta_1, module, lambda m: ev.accuracy(m, split),
-                          w.cfg.alpha_grid, rule=w.cfg.alpha_rule, n_images=ev.size(split), split=split)
+                          w.cfg.alpha_grid, rule=w.cfg.alpha_rule, n_images=ev.size(split), split=split,
+                          memo=ev.memo(split))
     w.audit.record("selection_final", best_epoch=progress.best_epoch, best_alpha=choice.alpha)
     w.print(f"alpha curve [{split}]: " + ", ".join(f"{a:.2f}:{v:.4f}" for a, v in choice.curve)
             + f" -> alpha {choice.alpha:.2f} (epoch {progress.best_epoch}, {choice.rule} rule on "
@@ -604,13 +676,14 @@ def report_only_numbers(w: Worker, ev: Evaluator, zs: ZeroShot, progress: Progre
         for split in ev.splits:
             if split != choice.split:
                 curves[split] = alpha_sweep(zs.theta_0, progress.theta_1, module,
-                                            lambda m, s=split: ev.accuracy(m, s), alphas)
+                                            lambda m, s=split: ev.accuracy(m, s), alphas,
+                                            memo=ev.memo(split))
                 accuracy_at.update({(a, split): v for a, v in curves[split]})
     for alpha in (0.0, 1.0, choice.alpha):  # zero-shot, fine-tuned, ensemble
         module.load_state_dict(interpolate(zs.theta_0, progress.theta_1, alpha))
         for split in ev.splits:
             if (alpha, split) not in accuracy_at:
-                accuracy_at[(alpha, split)] = ev.accuracy(module, split)
+                accuracy_at[(alpha, split)] = ev.memo(split)(alpha, lambda s=split: ev.accuracy(module, s))
     accuracy = {s: SplitNumbers(*(accuracy_at[(a, s)] for a in (0.0, 1.0, choice.alpha)))
                 for s in ev.splits}
     for split, n in accuracy.items():
@@ -625,12 +698,15 @@ def report_only_numbers(w: Worker, ev: Evaluator, zs: ZeroShot, progress: Progre
 def send(w: Worker, report: Report, state_dict: StateDict | None = None,
          meta: CheckpointMeta | None = None, train_state: dict | None = None) -> None:
     """ray.train.report on every rank; rank 0 attaches the checkpoint when one is given."""
+    wire = {**report.to_dict(), **w.phases.metrics(), phase_stamps.SENT_AT: time.time()}
+    if w.started is not None:
+        wire[phase_stamps.TRIAL_FN_AT] = w.started
     if w.rank != 0 or meta is None:
-        ray.train.report(report.to_dict())
+        ray.train.report(wire)
         return
     with tempfile.TemporaryDirectory(prefix="regft-ckpt-") as d:
         ckpt.save(d, state_dict, meta, train_state)
-        ray.train.report(report.to_dict(), checkpoint=ray.train.Checkpoint.from_directory(d))
+        ray.train.report(wire, checkpoint=ray.train.Checkpoint.from_directory(d))
     drop_stale_train_states()
 
 
@@ -654,16 +730,20 @@ def train_fn_per_worker(config: dict) -> None:
     only rank 0 passes checkpoints. Resumes from the latest checkpoint after a failure."""
     wc = from_dict(WorkerConfig, config, where="train_loop_config")
     w = setup_worker(wc)
-    zs = build_zero_shot(w, wc.train_pil)
-    ev = Evaluator(w, wc.dataset_path, zs)
-    model, module, optimizer, scheduler = build_optimization(w, zs, wc.steps_per_epoch)
-    progress = restore(w, ray.train.get_checkpoint(), module, optimizer, scheduler)
+    with w.phases("model_build"):
+        zs = build_zero_shot(w, wc.train_pil)
+    with w.phases("eval_setup"):
+        ev = Evaluator(w, wc.dataset_path, zs)
+    with w.phases("model_build"):
+        model, module, optimizer, scheduler = build_optimization(w, zs, wc.steps_per_epoch)
+        progress = restore(w, ray.train.get_checkpoint(), module, optimizer, scheduler)
     if isinstance(progress, FinalReport):  # the run had finished: repeat its final report
         ray.train.report(progress.to_dict())
         return
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(progress.start_epoch + 1, w.cfg.epochs + 1):
-        stats = train_one_epoch(w, shard, model, optimizer, scheduler, zs.train_tf)
+        stats = train_one_epoch(w, shard, model, optimizer, scheduler, zs.train_tf,
+                                first=epoch == progress.start_epoch + 1)
         if stats.batches == 0:
             raise UserError(f"epoch {epoch}: no training batch (the train split has fewer than "
                             f"batch_size={w.cfg.batch_size} images per step); lower batch_size")
@@ -674,14 +754,18 @@ def train_fn_per_worker(config: dict) -> None:
                     f"at lr {w.cfg.lr:g}; stopping this run (diverged=True)")
             send(w, diverged_report(epoch, stats))
             return
-        report = epoch_report(w, epoch, stats, ev, module)
-        progress.observe(epoch, report.select_metric, model)
-        print_epoch(w, report)
-        send(w, report, state_dict_cpu(model) if w.rank == 0 else None, meta_for(w, report),
-             progress.train_state(optimizer, scheduler, w.precision))
+        with w.phases("eval"):
+            report = epoch_report(w, epoch, stats, ev, module)
+        with w.phases("checkpoint"):
+            progress.observe(epoch, report.select_metric, model)
+            print_epoch(w, report)
+            send(w, report, state_dict_cpu(model) if w.rank == 0 else None, meta_for(w, report),
+                 progress.train_state(optimizer, scheduler, w.precision))
         faults.after_epoch(wc.fault, epoch, w.rank)
-    choice = choose_worker_alpha(w, ev, zs, progress, module)
-    final = report_only_numbers(w, ev, zs, progress, choice, module)
+    with w.phases("alpha_sweep"):
+        choice = choose_worker_alpha(w, ev, zs, progress, module)
+    with w.phases("report_sweeps"):
+        final = report_only_numbers(w, ev, zs, progress, choice, module)
     ensemble = interpolate(zs.theta_0, progress.theta_1, choice.alpha) if w.rank == 0 else None
     send(w, final, ensemble, meta_for(w, final, alpha=choice.alpha, architecture=zs.architecture))
 
@@ -709,7 +793,8 @@ def checkpoint_policy(cfg: TrainConfig) -> ckpt.Policy:
     return ckpt.Policy(keep_best=cfg.keep_checkpoints)
 
 
-def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dict | None = None):
+def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dict | None = None,
+                  started: float | None = None, shared: str | None = None):
     """A TorchTrainer for one fine-tune (+ alpha sweep) of `cfg` on a generated dataset.
 
     `run_config`: a ray.train.RunConfig (name it from an id, no timestamps, so a restarted run or
@@ -717,6 +802,8 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
     `select_metric`) unless the caller set one. With `run_config.failure_config.max_failures`
     > 0 a failed run resumes from its latest checkpoint. `fault` is a test hook (regft.faults:
     {"after_epoch": n, "marker": path, "mode": "raise" | "exit"}: fail once after epoch n).
+    `started`: the wall clock when the trial began (its phases, regft.phases); `shared`: the
+    search's shared-work folder (regft.shared_work), None to compute everything in the trial.
     """
     problems = cfg.validate()
     if problems:
@@ -743,7 +830,8 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
         train_loop_config=dataclasses.asdict(WorkerConfig(
             train=cfg.to_dict(), dataset_path=dataset_path, steps_per_epoch=steps,
             fault=None if fault is None else dataclasses.asdict(faults.Fault.from_dict(fault)),
-            train_pil=repr(train_tf.pil))),
+            train_pil=repr(train_tf.pil), started=started, shared=shared,
+            built=None if started is None else time.time())),
         # its process-group store on the node's loopback IP when that is one (regft.raylocal)
         torch_config=raylocal.LoopbackTorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

@@ -29,13 +29,15 @@ RINGS: dict[str, tuple[str, ...]] = {
     "base": ("errors", "cli", "console"),
     # ring 1: plain torch/numpy/stdlib, no files, no Ray/MLflow; unit-tested on seeded tensors
     "pure": ("losses", "ensemble", "zeroshot", "metrics", "prompts", "distributed", "engine",
-             "loop", "reports"),
+             "loop", "phases", "reports"),
     # ring 2: one process; files, weights and models; no Ray, no MLflow, no Optuna
     "assembly": ("config", "tasks", "hub", "models", "tiny_diffusion", "realsize", "generators", "shapes",
-                 "images", "faults", "store", "realdata", "checkpoint", "export", "mlflow_store"),
+                 "images", "faults", "store", "realdata", "checkpoint", "export", "mlflow_store",
+                 "shared_work"),
     # ring 3: Ray Data/Train/Tune, MLflow, Optuna
     "orchestration": ("raylocal", "resources", "console_ray", "generate", "train", "search_space",
-                      "searcher", "tracking", "registry", "pyfunc_model", "search", "tune"),
+                      "searcher", "tracking", "trial_phases", "registry", "pyfunc_model", "search",
+                      "tune"),
     # ring 4: command lines over the rings below; nothing imports them (not even each other)
     "entry": ("predict", "evaluate", "plan"),
 }
