@@ -142,4 +142,4 @@ def test_a_space_of_too_many_datasets_is_refused():
 
 def test_shipped_generation_space_varies_the_images_per_class():
     space = load_search_space(ROOT / "regft" / "search_spaces" / "shapes-data.yaml")
-    assert space.generation_choices() == {"images_per_class": (50, 100)}
+    assert space.generation_choices() == {"images_per_class": (100, 50)}
