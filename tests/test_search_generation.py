@@ -142,8 +142,9 @@ def test_a_waiter_waits_for_a_live_holder(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_a_crashed_claimants_claim_is_taken_over(tmp_path):
-    path = str(tmp_path / "ds")
+@pytest.mark.parametrize("uri", [False, True], ids=["local", "file-uri"])
+def test_a_crashed_claimants_claim_is_taken_over(tmp_path, uri):
+    path = f"file://{tmp_path / 'ds'}" if uri else str(tmp_path / "ds")  # URI: pyarrow's path
     st.Claim(path).write()  # what a claimant that died leaves: its file, and no heartbeat
     assert len(st._claim_files(path)) == 1
     t0 = time.monotonic()
