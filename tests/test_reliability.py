@@ -208,6 +208,7 @@ def test_nan_trial_stops_itself_and_the_search_goes_on(tmp_path, ray_local, caps
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     assert "1 trial(s) diverged" in out
+    assert "plumbing check" in out  # smoke on a non-shapes task says its numbers are noise
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("regft-hostile")

@@ -66,32 +66,47 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys, ray_local):
 
 # ------------------------------------------------------------------ the smoke search ----
 
-@pytest.mark.timeout(600)
-def test_smoke_search_logs_parent_and_children(tmp_path, ray_local, capsys):
+@pytest.mark.timeout(900)
+def test_smoke_search_over_a_generation_dimension_logs_parent_children_and_lineage(
+        tmp_path, ray_local, capsys):
+    """The README-style search with images per class in its space (issue 14): 3 trials, ASHA,
+    each trial on the dataset of its sampled count; the 100-per-class dataset is generated once
+    and the 50-per-class one is its first 50 images of each class (0 new images)."""
+    import json
+
+    from regft import store as st
+
+    space = Path(__file__).parents[1] / "regft" / "search_spaces" / "shapes-data.yaml"
     t0 = time.monotonic()
-    rc = main(["cars", "--preset", "smoke", "--num-samples", "3", "--name", "e2e",
+    rc = main(["shapes", "--preset", "smoke", "--num-samples", "3", "--epochs", "2",
+               "--search-space", str(space), "--name", "e2e",
                "--storage", str(tmp_path / "store"), "--tracking-uri", _db(tmp_path)])
     wall_s = time.monotonic() - t0
     captured = capsys.readouterr()
     out = captured.out
     assert rc == 0, out[-3000:]
-    assert "plumbing check" in out  # smoke on a non-shapes task says its numbers are noise
     assert "zero-shot" in out and "synthetic_val" in out
     # issue 15 with several trials, some stopped early by ASHA: one line per epoch per trial,
     # one end line per trial, nothing lost from search.log
     assert_readable_console(out + captured.err, tmp_path / "store" / "searches" / "e2e" / "search.log",
                             trials=3, wall_s=wall_s)
 
-    client, parents, children = _runs(_db(tmp_path), "regft-cars-first4")
+    client, parents, children = _runs(_db(tmp_path), "regft-shapes")
     assert len(parents) == 1
     parent = parents[0]
     assert len(children) == 3
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     for c in children:
-        for p in ("lr", "vc_weight", "alpha_grid", "model", "generator", "dataset_id", "seed"):
+        for p in ("lr", "vc_weight", "alpha_grid", "model", "generator", "dataset_id", "seed",
+                  "images_per_class"):
             assert p in c.data.params, (p, c.data.params)
         hist = client.get_metric_history(c.info.run_id, "select_metric")
         assert len(hist) >= 1
+        # lineage: the trial's run names the dataset it trained on, by its content id
+        (dataset_input,) = client.get_run(c.info.run_id).inputs.dataset_inputs
+        assert dataset_input.dataset.digest == c.data.params["dataset_id"]
+    counts = {c.data.params["images_per_class"] for c in children}
+    assert counts == {"50", "100"}, "seed 0 no longer samples both counts in 3 trials"
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert finished, "at least the first trial runs to the end"
     for c in finished:
@@ -100,9 +115,20 @@ def test_smoke_search_logs_parent_and_children(tmp_path, ray_local, capsys):
         assert sorted(m.step for m in curve) == list(range(0, 101, 10))
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "search_space.yaml", "summary.txt", "samples.png",
-            "parallel_coordinate.png"} <= arts
+            "parallel_coordinate.png", "datasets.json"} <= arts
     assert "best/lr" in parent.data.params and "best/alpha" in parent.data.params
     assert parent.info.status == "FINISHED"
+
+    # each image generated once: 16 classes x 100, the 50-per-class set served from it
+    assert parent.data.metrics["images_generated"] == 1600
+    listed = json.loads(Path(client.download_artifacts(parent.info.run_id, "datasets.json",
+                                                       str(tmp_path))).read_text())
+    full, served = sorted(listed, key=lambda d: -d["images"])
+    assert (full["images"], full["generated"], served["images"], served["generated"]) == (1600, 1600, 800, 0)
+    assert served["derived_from"] == full["dataset_id"]
+    folders = sorted((tmp_path / "store" / "datasets").glob("*/manifest.json"))
+    sizes = sorted(st.load_manifest(str(f.parent))["layout"]["num_items"] for f in folders)
+    assert sizes == [800, 1600], sizes
 
 
 # ------------------------------------------------------------------------- resume ----
