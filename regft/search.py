@@ -77,6 +77,7 @@ from regft.searcher import fail_running_trials, make_searcher
 from regft.tasks import SHAPES_REAL, Task, resolve_task
 from regft.tracking import DatasetLineage, MLflowTrialCallback, log_datasets
 from regft.train import TrainConfig, build_trainer
+from regft.trial_phases import PhaseCallback
 
 WEIGHTS_TAG = "regft.weights"  # random | pretrained, on the parent run
 RANDOM_WEIGHTS = "random"
@@ -614,17 +615,20 @@ def log_search_datasets(parent: ParentRun, datasets: SearchDatasets) -> None:
 
 # ------------------------------------------------------------------ 6. the tuner --
 
-def trial_fn(config: dict, base: dict, datasets: dict[str, str], train_storage: str, search_name: str):
+def trial_fn(config: dict, base: dict, datasets: dict[str, str], train_storage: str, search_name: str,
+             shared: str | None = None):
     """One Tune trial: one Ray Train fine-tune (+ alpha sweep) of the sampled configuration.
 
     Ray's guides call this the train driver function. It runs as a Tune function trainable;
     `TuneReportCallback` forwards every `ray.train.report` of rank 0 to Tune. The Train run is
     named from the trial id (no timestamp), so a restarted trial (driver killed, `--resume`) finds
     its run folder and resumes from its last checkpoint. (The name stays `trial_fn`: Tune names
-    the trials' folders after it, `searches/<name>/trial_fn_<id>`.)
+    the trials' folders after it, `searches/<name>/trial_fn_<id>`.) `shared`: the search's
+    shared zero-shot work (prepare_shared_work), read by the trial instead of recomputed.
     `datasets`: generation key -> complete dataset (prepare_datasets); the trial trains on the one
     of its sampled generation values (none sampled: the search's one dataset, key "{}").
     """
+    started = time.time()  # the trial's phases (regft.phases) start here
     trial_id = tune.get_context().get_trial_id()
     train_values, generation_values = split_config(config)
     cfg = TrainConfig.from_dict({**base, **train_values}, where=f"trial {trial_id}")
@@ -635,7 +639,15 @@ def trial_fn(config: dict, base: dict, datasets: dict[str, str], train_storage: 
         callbacks=[TuneReportCallback()],
         failure_config=ray.train.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
     )
-    build_trainer(cfg, dataset_path, run_config).fit()
+    build_trainer(cfg, dataset_path, run_config, started=started, shared=shared).fit()
+
+
+def prepare_shared_work(layout: SearchLayout) -> str:
+    """Step 6a: where the trials keep the work that is the same in all of them (the zero-shot
+    head, the decoded evaluation splits, theta_0's accuracy per split; regft.shared_work): one
+    folder under the storage root, content-addressed, so a resumed or a second search reuses it.
+    The first trial that needs an entry computes and stores it; the others read it."""
+    return store.join(layout.root, "shared")
 
 
 def build_tuner(plan: SearchPlan, layout: SearchLayout, parent: ParentRun, datasets: SearchDatasets,
@@ -648,7 +660,8 @@ def build_tuner(plan: SearchPlan, layout: SearchLayout, parent: ParentRun, datas
               "search": layout.name}  # + each trial's dataset_id (MLflowTrialCallback)
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base=base, datasets=datasets.paths(),
-                             train_storage=layout.train_root, search_name=layout.name),
+                             train_storage=layout.train_root, search_name=layout.name,
+                             shared=prepare_shared_work(layout)),
         {"cpu": TRIAL_DRIVER_CPU},
     )
     callback = MLflowTrialCallback(plan.tracking_uri, parent.experiment_id, parent.run_id, static,
@@ -675,7 +688,7 @@ def build_tuner(plan: SearchPlan, layout: SearchLayout, parent: ParentRun, datas
             scheduler=scheduler, max_concurrent_trials=n_conc,
         ),
         run_config=tune.RunConfig(name=layout.name, storage_path=layout.searches_root,
-                                  callbacks=console_callbacks(plan) + [callback],
+                                  callbacks=console_callbacks(plan) + [PhaseCallback(callback), callback],
                                   verbose=1 if s.verbose else 0),
     )
 

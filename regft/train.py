@@ -62,7 +62,8 @@ from ray.data.expressions import random as row_random
 from ray.train.torch import TorchTrainer
 
 from regft import checkpoint as ckpt
-from regft import console, faults, raylocal
+from regft import console, faults, raylocal, shared_work
+from regft import phases as phase_stamps
 from regft import store as st
 from regft.cli import UserError, entry_point, shorten
 from regft.config import (
@@ -103,10 +104,8 @@ from regft.loop import (
     train_epoch,
 )
 from regft.metrics import diversity_scores
-from regft import phases as phase_stamps
-from regft.phases import Phases
-from regft import shared_work
 from regft.models import build_classifier, create_clip, encode_texts, logit_scale_of
+from regft.phases import Phases
 from regft.realdata import Audit, Sealed, check_real_data, has_real_test, open_real_split
 from regft.reports import (
     SELECTION_SPLITS,
@@ -121,9 +120,9 @@ from regft.reports import (
 )
 from regft.resources import check_resources, cluster_capacity
 from regft.search_space import MAX_ALPHAS
+from regft.shared_work import SharedWork
 from regft.store import TorchImageDataset
 from regft.tasks import Task, resolve_task, unsafe_name_problem
-from regft.shared_work import SharedWork
 from regft.zeroshot import ImageClassifier, zeroshot_head
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from regft.train import (
     TrainConfig,
     Worker,
     build_zero_shot,
-    clip_transforms,
     choose_worker_alpha,
+    clip_transforms,
     report_only_numbers,
     resolve_train_task,
 )
