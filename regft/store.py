@@ -344,9 +344,16 @@ class Claim:
 
     def write(self) -> None:
         fs, root = filesystem(self.path)
-        fs.create_dir(join(root, CLAIMS_DIR), recursive=True)
-        with fs.open_output_stream(self._file()) as f:
-            f.write(json.dumps({"owner": self.owner, "beat": self._beats}).encode())
+        data = json.dumps({"owner": self.owner, "beat": self._beats}).encode()
+        for attempt in range(2):  # the last holder may remove the empty folder between the calls
+            fs.create_dir(join(root, CLAIMS_DIR), recursive=True)
+            try:
+                with fs.open_output_stream(self._file()) as f:
+                    f.write(data)
+                return
+            except FileNotFoundError:
+                if attempt:
+                    raise
 
     def start_heartbeat(self) -> None:
         def beat():
@@ -368,12 +375,28 @@ class Claim:
             fs.delete_file(self._file())
         except FileNotFoundError:
             pass
+        _drop_empty_claims_dir(self.path)
 
     def __enter__(self) -> Claim:
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _drop_empty_claims_dir(path: str) -> None:
+    """Remove <path>/_claims once no claim is in it, so a finished dataset holds only its own
+    files. On a local disk rmdir removes only an empty folder (a claimant that has just written
+    keeps its file); an object store has no folders but the marker create_dir may leave."""
+    fs, root = filesystem(path)
+    folder = join(root, CLAIMS_DIR)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.rmdir(folder)
+        elif not _claim_files(path):
+            fs.delete_dir(folder)
+    except OSError:  # not empty, or gone already: the next release tries again
+        pass
 
 
 def _claim_files(path: str) -> dict[str, bytes]:

@@ -153,6 +153,22 @@ def test_a_crashed_claimants_claim_is_taken_over(tmp_path, uri):
     assert 1.0 <= waited < 10, waited
     assert list(st._claim_files(path)) == [mine.name]
     mine.release()
+    assert not (tmp_path / "ds" / st.CLAIMS_DIR).exists()  # a finished dataset keeps no trace
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("uri", [False, True], ids=["local", "file-uri"])
+def test_the_claims_folder_goes_with_the_last_claim_only(tmp_path, uri):
+    path = f"file://{tmp_path / 'ds'}" if uri else str(tmp_path / "ds")
+    first, second = st.Claim(path), st.Claim(path)
+    first.write()
+    second.write()
+    first.release()  # another claim is still there: the folder and that claim stay
+    assert list(st._claim_files(path)) == [second.name]
+    second.release()
+    assert not (tmp_path / "ds" / st.CLAIMS_DIR).exists()
+    second.write()  # a claimant arriving after the folder went recreates it
+    assert list(st._claim_files(path)) == [second.name]
 
 
 @pytest.mark.timeout(120)
