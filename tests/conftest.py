@@ -44,6 +44,21 @@ def _start_local_ray():
     return ray
 
 
+@pytest.fixture(autouse=True)
+def _log_handlers_on_open_streams():
+    """A logger configured during an earlier test (Ray Data's, first used under capsys) keeps
+    that test's capture stream, closed since; point such handlers at the current stderr, as in a
+    fresh process, so one test's output does not depend on which test ran first."""
+    import logging
+    import sys
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed one
+    yield
+
+
 @pytest.fixture(scope="session")
 def _ray_session():
     """Shuts the shared local Ray down at the end of the session."""
@@ -145,7 +160,7 @@ MAX_CONSOLE_LINES = 150
 MAX_TABLE_LINES = 20
 # the lines of one Tune status table: its header lines, then a box drawn with these characters
 _TABLE_HEAD = ("Trial status:", "Current time:", "Current best trial:", "Logical resource usage:")
-_TABLE_BOX = ("╭", "│", "├", "╰")
+_TABLE_BOX = ("╭", "│", "├", "╰", "+", "|")  # a terminal draws boxes, a pipe ASCII
 
 
 def _tables(lines: list[str]) -> list[list[str]]:

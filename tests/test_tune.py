@@ -69,7 +69,7 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys, ray_local):
 @pytest.mark.timeout(900)
 def test_smoke_search_over_a_generation_dimension_logs_parent_children_and_lineage(
         tmp_path, ray_local, capsys):
-    """The README-style search with images per class in its space (issue 14): 3 trials, ASHA,
+    """The README-style search with images per class in its space (issue 14): 2 trials, ASHA,
     each trial on the dataset of its sampled count; the 100-per-class dataset is generated once
     and the 50-per-class one is its first 50 images of each class (0 new images)."""
     import json
@@ -78,7 +78,7 @@ def test_smoke_search_over_a_generation_dimension_logs_parent_children_and_linea
 
     space = Path(__file__).parents[1] / "regft" / "search_spaces" / "shapes-data.yaml"
     t0 = time.monotonic()
-    rc = main(["shapes", "--preset", "smoke", "--num-samples", "3", "--epochs", "2",
+    rc = main(["shapes", "--preset", "smoke", "--num-samples", "2", "--epochs", "2",
                "--search-space", str(space), "--name", "e2e",
                "--storage", str(tmp_path / "store"), "--tracking-uri", _db(tmp_path)])
     wall_s = time.monotonic() - t0
@@ -86,15 +86,15 @@ def test_smoke_search_over_a_generation_dimension_logs_parent_children_and_linea
     out = captured.out
     assert rc == 0, out[-3000:]
     assert "zero-shot" in out and "synthetic_val" in out
-    # issue 15 with several trials, some stopped early by ASHA: one line per epoch per trial,
-    # one end line per trial, nothing lost from search.log
+    # issue 15 with several trials (the second may be stopped early by ASHA): one line per
+    # epoch per trial, one end line per trial, nothing lost from search.log
     assert_readable_console(out + captured.err, tmp_path / "store" / "searches" / "e2e" / "search.log",
-                            trials=3, wall_s=wall_s)
+                            trials=2, wall_s=wall_s)
 
     client, parents, children = _runs(_db(tmp_path), "regft-shapes")
     assert len(parents) == 1
     parent = parents[0]
-    assert len(children) == 3
+    assert len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     for c in children:
         for p in ("lr", "vc_weight", "alpha_grid", "model", "generator", "dataset_id", "seed",
@@ -106,7 +106,7 @@ def test_smoke_search_over_a_generation_dimension_logs_parent_children_and_linea
         (dataset_input,) = client.get_run(c.info.run_id).inputs.dataset_inputs
         assert dataset_input.dataset.digest == c.data.params["dataset_id"]
     counts = {c.data.params["images_per_class"] for c in children}
-    assert counts == {"50", "100"}, "seed 0 no longer samples both counts in 3 trials"
+    assert counts == {"50", "100"}, "seed 0 no longer samples both counts in 2 trials"
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert finished, "at least the first trial runs to the end"
     for c in finished:
@@ -143,7 +143,7 @@ def _count_finished(uri: str) -> int:
 
 @pytest.mark.timeout(900)
 def test_resume_after_driver_killed_ends_with_exactly_n_trials(tmp_path, no_local_ray):
-    n = 3  # one finished before the kill, at least one after: the fewest that shows both
+    n = 2  # one finished before the kill, one after: the fewest that shows both
     args = [sys.executable, "-m", "regft.tune", "cars", "--preset", "smoke", "--num-samples", str(n),
             "--epochs", "1", "--scheduler", "fifo", "--name", "killed", "--storage", str(tmp_path / "store"),
             "--tracking-uri", _db(tmp_path)]
