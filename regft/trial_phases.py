@@ -14,8 +14,9 @@ from regft.tracking import MLflowTrialCallback
 
 class PhaseCallback(Callback):
     """Logs `phase/<name>_s`, `phase/wall_s` and `phase/non_training_share` to the trial's run
-    (found through `tracking`, the search's MLflow callback, which must come first in the list)
-    when the trial completes."""
+    (found through `tracking`, the search's MLflow callback) when the trial completes. It must
+    come before `tracking` in the callbacks list: tracking ends the run in its own
+    on_trial_complete, and the phases go in while the run is still open."""
 
     def __init__(self, tracking: MLflowTrialCallback):
         self.tracking = tracking
