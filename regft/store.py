@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -553,6 +553,26 @@ def read_table(dataset_path: str, split: str = "all", val_fraction: float = 0.1,
     if split != "all":
         table = filter_split(table, split, val_fraction)
     return table
+
+
+def split_blocks(dataset_path: str, split: str, val_fraction: float, columns: list[str],
+                 block_bytes: int) -> Iterator[pa.Table]:
+    """The rows of `split` as consecutive tables of about `block_bytes` each (a shard is never
+    cut; shards are joined until a block reaches the size), in item_id order, columns
+    `columns` plus item_id. Read one shard at a time, so memory holds one block."""
+    fs, paths = split_shards(dataset_path, split, val_fraction)
+    cols = sorted(set(columns) | {"item_id"}, key=SCHEMA.names.index)
+    pending: list[pa.Table] = []
+    for p in paths:
+        table = pq.read_table(p, columns=cols, filesystem=fs)
+        if split != "all":
+            table = filter_split(table, split, val_fraction)
+        pending.append(table)
+        if sum(t.nbytes for t in pending) >= block_bytes:
+            yield pa.concat_tables(pending)
+            pending = []
+    if pending:
+        yield pa.concat_tables(pending)
 
 
 def split_counts(dataset_path: str, val_fraction: float) -> dict[str, int]:

@@ -134,6 +134,7 @@ EVAL_CACHE_BYTES = 4 * 2**30  # per rank: decoded eval images kept in memory up 
 # the task overhead, small enough to keep a data CPU's batch of 224 px images ~10 MB)
 DECODE_BATCH_ROWS = 64
 PREFETCH_BATCHES = 2  # train batches Ray Data prepares ahead of the step that needs them
+DEFAULT_BLOCK_BYTES = 128 * 2**20  # the train split's object-store blocks, when Ray sets no target
 MIN_VC_BATCH = 2  # VC's variance and covariance are statistics over a worker's batch
 FLOAT_MANTISSA = 2**53  # a uniform float in [0, 1) -> a distinct integer seed (53-bit mantissa)
 
@@ -307,6 +308,20 @@ def read_ray_dataset(dataset_path: str, split: str = "train", val_fraction: floa
                           fn_kwargs={"split": split, "val_fraction": val_fraction})
 
 
+def cached_train_split(dataset_path: str, val_fraction: float) -> ray.data.Dataset:
+    """The train split's encoded rows (image, label) held in the object store, read here with
+    pyarrow in blocks of Ray Data's target block size (a Ray Data read + materialize of the same
+    rows was a smoke trial's largest fixed cost: a Ray Data job in every trial, benchmarks/RESULTS.md).
+
+    The select + materialize is this dataset's one execution before training, as the Ray Data
+    read's materialize was: the seeded shuffle (RandomSeedConfig, reseed_after_execution) counts
+    its context's executions, so the epochs see the same permutations as before."""
+    block_bytes = DataContext.get_current().target_max_block_size or DEFAULT_BLOCK_BYTES
+    refs = [ray.put(t) for t in st.split_blocks(dataset_path, "train", val_fraction,
+                                                ["image", "label"], block_bytes)]
+    return ray.data.from_arrow_refs(refs).select_columns(["image", "label"]).materialize()
+
+
 def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
     """The train split as a Ray Dataset: shuffled every epoch, decoded and augmented (the PIL part
     of `train_tf`) on data CPUs, as uint8 (B, 3, H, W) + labels."""
@@ -318,9 +333,10 @@ def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
     saved = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     try:
-        ds = read_ray_dataset(dataset_path, "train", cfg.val_fraction).select_columns(["image", "label"])
         if cfg.cache_train:
-            ds = ds.materialize()  # encoded rows only: augmentation still differs every epoch
+            ds = cached_train_split(dataset_path, cfg.val_fraction)
+        else:
+            ds = read_ray_dataset(dataset_path, "train", cfg.val_fraction).select_columns(["image", "label"])
         # The pipeline re-runs once per epoch. Seeds re-drawn per execution give a fresh
         # permutation and fresh augmentations each epoch, the same ones on every run of
         # `cfg.seed`. Global, not a local buffer: the store's shards are in item_id

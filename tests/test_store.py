@@ -5,6 +5,7 @@ import os
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -142,3 +143,21 @@ def test_ray_dataset_reads_the_same_split(tmp_path, ray_local):
     row = next(r for r in train if r["item_id"] == train[0]["item_id"])
     k, i = (int(x) for x in row["item_id"].split("-"))
     assert np.array_equal(np.asarray(st.decode_image(row["image"])), _image(k, i))
+
+
+def test_split_blocks_join_whole_shards_up_to_the_block_size(tmp_path):
+    """regft.train.cached_train_split's blocks: every row of the split once, in item_id order;
+    shards are joined, never cut, until a block reaches block_bytes."""
+    path = str(tmp_path / "ds")
+    make_dataset(path, per_class=20, shard_size=7)  # 60 items in 9 shards
+    whole = st.read_table(path, "train", 0.25, columns=["image", "label"])
+    one = list(st.split_blocks(path, "train", 0.25, ["image", "label"], block_bytes=2**40))
+    assert len(one) == 1 and one[0].equals(whole)
+    shard_bytes = max(pq.read_table(p).nbytes for p in st.split_shards(path, "train", 0.25)[1])
+    small = list(st.split_blocks(path, "train", 0.25, ["image", "label"], block_bytes=2 * shard_bytes))
+    assert 1 < len(small) < 9
+    assert pa.concat_tables(small).equals(whole)
+    ids = [b.column("item_id").to_pylist() for b in small]
+    assert all(st.split_of(i, 0.25) == "train" for b in ids for i in b)
+    assert sorted(i for b in ids for i in b) == [i for b in ids for i in b]
+    assert small[0].column_names == [n for n in st.SCHEMA.names if n in ("item_id", "image", "label")]

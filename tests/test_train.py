@@ -226,33 +226,55 @@ def test_a_failed_run_resumes_from_its_latest_checkpoint(ray_local, colours, tmp
     assert meta.final and meta.alpha == result.metrics["best_alpha"]
 
 
-@pytest.mark.timeout(120)
-def test_training_stream_is_a_function_of_the_seed_and_the_epoch(ray_local, colours):
-    """The rows a Train worker sees (order and augmented pixels) are fixed by `seed`, differ
-    from epoch to epoch, and differ between seeds: read the way Ray Train reads it (the
-    DataConfig build_trainer passes, configured for one worker). With one worker this makes a
-    run bit-reproducible: `python -m regft.tune shapes --preset smoke` run twice gave identical
-    numbers (docs/shapes-testbed.md). Before seeding, two builds gave different orders."""
+def _stream(dataset: str, classnames: str, seed: int, epochs: int = 2) -> list[str]:
+    """sha256 of each epoch's (labels, augmented pixels) as one Train worker reads them (the
+    DataConfig build_trainer passes, configured for one worker)."""
     import hashlib
 
     from regft.train import clip_transforms, train_data_config, train_dataset
 
+    cfg = TrainConfig(task="colours", classnames=classnames, model="tiny", pretrained=None, seed=seed)
+    ds = train_dataset(cfg, dataset, clip_transforms(cfg)[0])
+    it = train_data_config(ds).configure({"train": ds}, world_size=1, worker_handles=None,
+                                         worker_node_ids=None)[0]["train"]
+    out = []
+    for _ in range(epochs):
+        h = hashlib.sha256()
+        for b in it.iter_batches(batch_size=16, batch_format="numpy"):
+            h.update(b["label"].tobytes())
+            h.update(b["image"].tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_training_stream_is_a_function_of_the_seed_and_the_epoch(ray_local, colours):
+    """The rows a Train worker sees (order and augmented pixels) are fixed by `seed`, differ
+    from epoch to epoch, and differ between seeds. With one worker this makes a run
+    bit-reproducible: `python -m regft.tune shapes --preset smoke` run twice gave identical
+    numbers (docs/shapes-testbed.md). Before seeding, two builds gave different orders."""
     def stream(seed: int, epochs: int = 2) -> list[str]:
-        cfg = TrainConfig(task="colours", classnames=colours["classnames"], model="tiny",
-                          pretrained=None, seed=seed)
-        ds = train_dataset(cfg, colours["dataset"], clip_transforms(cfg)[0])
-        it = train_data_config(ds).configure({"train": ds}, world_size=1, worker_handles=None,
-                                             worker_node_ids=None)[0]["train"]
-        out = []
-        for _ in range(epochs):
-            h = hashlib.sha256()
-            for b in it.iter_batches(batch_size=16, batch_format="numpy"):
-                h.update(b["label"].tobytes())
-                h.update(b["image"].tobytes())
-            out.append(h.hexdigest())
-        return out
+        return _stream(colours["dataset"], colours["classnames"], seed, epochs)
 
     first, again, other = stream(3), stream(3), stream(4, epochs=1)
     assert first == again
     assert first[0] != first[1]  # a fresh permutation and fresh augmentations every epoch
     assert other[0] != first[0]
+
+
+@pytest.mark.timeout(120)
+def test_the_driver_read_train_split_streams_as_ray_datas_read_did(ray_local, colours, monkeypatch):
+    """The train split is read by the trial's driver with pyarrow (train.cached_train_split: no
+    Ray Data read job per trial). Its epochs are bit-identical to those of a Ray Data
+    read_parquet + materialize of the same rows, the source every shipped figure was measured
+    with (the seeded shuffle counts the dataset's executions: both have one before epoch 1)."""
+    import regft.train as train_mod
+
+    ours = _stream(colours["dataset"], colours["classnames"], seed=5)
+
+    def ray_data_read(dataset_path, val_fraction):
+        rows = train_mod.read_ray_dataset(dataset_path, "train", val_fraction)
+        return rows.select_columns(["image", "label"]).materialize()
+
+    monkeypatch.setattr(train_mod, "cached_train_split", ray_data_read)
+    assert _stream(colours["dataset"], colours["classnames"], seed=5) == ours
