@@ -13,8 +13,9 @@ The retention policy (`Policy`): Ray Train keeps the `keep_best` best checkpoint
 `select_metric` and, on top of them, always the latest one (ray.train.v2 CheckpointManager: "except
 for the latest checkpoint"). A resume reads the latest checkpoint's weights and train_state plus the
 best epoch's weights, so the optimizer state (AdamW: twice the weights) is needed in the latest
-checkpoint only: once Train has committed a newer checkpoint, the worker drops train_state.pt from
-every older one it keeps (`drop_train_state`). A finished run keeps no optimizer state at all (its
+checkpoint only: before it reports the next epoch's checkpoint (by then Train has committed the
+last one) and after the final one, the worker drops train_state.pt from every checkpoint it keeps
+but the latest committed one (`drop_train_state`). A finished run keeps no optimizer state at all (its
 latest checkpoint is the final, ensembled one). `kept_bytes_per_trial` prices this for the plan.
 """
 from __future__ import annotations
@@ -57,8 +58,9 @@ def adamw_state_bytes(param_bytes: int) -> int:
 def kept_bytes_per_trial(param_bytes: int, optimizer_bytes: int, policy: Policy = Policy()) -> int:
     """The most checkpoint bytes one trial holds in storage at any moment (`param_bytes`: one
     model.pt; `optimizer_bytes`: one train_state.pt). Between epochs: keep_best weights + the latest
-    with its optimizer state; while the next epoch's checkpoint is uploaded, before Train deletes
-    the worst one and the worker drops the old optimizer state, one more of each. An upper bound:
+    with its optimizer state, and the previous latest's optimizer state when that one is kept as
+    a best (dropped just before the next report); while the next epoch's checkpoint is uploaded,
+    before Train deletes the worst one, one more of each. An upper bound:
     a best checkpoint that is also the latest counts twice."""
     steady = (policy.keep_best + 1) * param_bytes + optimizer_bytes
     return steady + param_bytes + optimizer_bytes

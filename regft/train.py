@@ -719,17 +719,23 @@ def send(w: Worker, report: Report, state_dict: StateDict | None = None,
     if w.rank != 0 or meta is None:
         ray.train.report(wire)
         return
+    if not meta.final:
+        # the previous epoch's checkpoint was committed while this epoch trained, so this does
+        # not wait: waiting for each commit right after its report cost about a second an epoch
+        drop_stale_train_states()
     with tempfile.TemporaryDirectory(prefix="regft-ckpt-") as d:
         ckpt.save(d, state_dict, meta, train_state)
         ray.train.report(wire, checkpoint=ray.train.Checkpoint.from_directory(d))
-    drop_stale_train_states()
+    if meta.final:
+        drop_stale_train_states()  # a finished run keeps no optimizer state
 
 
 def drop_stale_train_states() -> None:
-    """Rank 0, after a checkpoint report: optimizer state stays in the latest checkpoint only
-    (regft.checkpoint.Policy). Waits until Train has committed the new checkpoint (its saved state
-    names it the latest, so a restart resumes from it, never from an older one), then drops
-    train_state.pt from every older checkpoint Train still keeps."""
+    """Rank 0, before an epoch checkpoint's report and after the final one: optimizer state
+    stays in the latest committed checkpoint only (regft.checkpoint.Policy). Waits until Train has
+    committed the last reported checkpoint (its saved state names it the latest, so a restart
+    resumes from it, never from an older one), then drops train_state.pt from every older
+    checkpoint Train still keeps."""
     kept = ray.train.get_all_reported_checkpoints(
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
     latest = ray.train.get_checkpoint()
