@@ -5,7 +5,7 @@ benchmark) break Ray internals that look a cluster up by scanning the machine's 
 instead of asking their own runtime. Ray Train's placement-group cleaner does that through the
 state API and, on "Found multiple active Ray instances", leaks a trial's reservation so the
 search waits forever. Every worker of a local Ray we start therefore pins RAY_ADDRESS to its
-own cluster in a worker set-up hook, which Ray's address lookup reads first.
+own cluster in a worker set-up hook (regft.rayhook), which Ray's address lookup reads first.
 
 The local Ray is reachable from this machine only: its token auth is off, so every one of its
 servers (GCS, raylet, agents, each worker's) must listen on the loopback interface. Ray binds
@@ -39,12 +39,7 @@ from regft.cli import shorten
 LOOPBACK = "127.0.0.1"
 SINGLE_MACHINE_SWITCH = "ENABLE_RAY_CLUSTER"  # ray_constants' copy of the env var above
 
-SETUP_HOOK = "regft.raylocal.pin_ray_address"
-
-
-def pin_ray_address() -> None:
-    """Runs in every worker process of a local Ray we started (runtime_env set-up hook)."""
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+SETUP_HOOK = "regft.rayhook.pin_ray_address"  # a module that imports only Ray (see there)
 
 
 def local_runtime_env() -> dict:

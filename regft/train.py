@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.data
 import ray.train
 import ray.train.torch
@@ -65,6 +64,7 @@ from regft import checkpoint as ckpt
 from regft import console, faults, raylocal, shared_work
 from regft import phases as phase_stamps
 from regft import store as st
+from regft.augment import DecodeAugment
 from regft.cli import UserError, entry_point, shorten
 from regft.config import (
     empty_value_problems,
@@ -88,12 +88,10 @@ from regft.engine import (
     normalize_uint8,
     split_clip_transform,
     state_dict_cpu,
-    to_uint8,
 )
 from regft.ensemble import EnsembleError, alpha_grid, interpolate
 from regft.export import architecture_or_none
 from regft.generate import GenerationConfig, ensure_dataset
-from regft.images import decode_image
 from regft.loop import (
     AlphaChoice,
     EpochStats,
@@ -136,7 +134,6 @@ DECODE_BATCH_ROWS = 64
 PREFETCH_BATCHES = 2  # train batches Ray Data prepares ahead of the step that needs them
 DEFAULT_BLOCK_BYTES = 128 * 2**20  # the train split's object-store blocks, when Ray sets no target
 MIN_VC_BATCH = 2  # VC's variance and covariance are statistics over a worker's batch
-FLOAT_MANTISSA = 2**53  # a uniform float in [0, 1) -> a distinct integer seed (53-bit mantissa)
 
 
 def default_alpha_grid() -> list[float]:
@@ -268,27 +265,6 @@ def resolve_train_task(cfg: TrainConfig) -> Task:
 
 
 # ----------------------------------------------------------------- data pipeline ----
-class DecodeAugment:
-    """Ray Data map: PNG bytes -> uint8 (B, 3, H, W) after the PIL part of a CLIP transform.
-
-    Each row's random augmentation is drawn from its own `aug_seed` column (see train_dataset),
-    so it depends on the row and the epoch, not on which task or batch the row landed in."""
-
-    def __init__(self, pil_transform):
-        self.pil_transform = pil_transform
-
-    def __call__(self, batch: dict) -> dict:
-        images = []
-        for png, u in zip(batch["image"], batch["aug_seed"]):
-            # torchvision's random transforms draw from torch's default CPU generator; this is a
-            # Ray Data worker process, so re-seeding it per row disturbs nothing else. (Not
-            # torch.manual_seed: it also seeds every accelerator backend, and per row that cut
-            # the pipeline's throughput to a third.)
-            torch.default_generator.manual_seed(int(float(u) * FLOAT_MANTISSA))
-            images.append(to_uint8(self.pil_transform(decode_image(png))).numpy())
-        return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}
-
-
 def clip_transforms(cfg: TrainConfig):
     """(train, eval) SplitTransforms of the model's CLIP preprocessing (built once, weights not
     needed: the PIL ops depend only on the architecture's image size)."""

@@ -33,9 +33,9 @@ RINGS: dict[str, tuple[str, ...]] = {
     # ring 2: one process; files, weights and models; no Ray, no MLflow, no Optuna
     "assembly": ("config", "tasks", "hub", "models", "tiny_diffusion", "realsize", "generators", "shapes",
                  "images", "faults", "store", "realdata", "checkpoint", "export", "mlflow_store",
-                 "shared_work"),
+                 "shared_work", "augment"),
     # ring 3: Ray Data/Train/Tune, MLflow, Optuna
-    "orchestration": ("raylocal", "resources", "console_ray", "generate", "train", "search_space",
+    "orchestration": ("rayhook", "raylocal", "resources", "console_ray", "generate", "train", "search_space",
                       "searcher", "tracking", "trial_phases", "registry", "pyfunc_model", "search",
                       "tune"),
     # ring 4: command lines over the rings below; nothing imports them (not even each other)
