@@ -61,10 +61,34 @@ def split_clip_transform(transform) -> SplitTransform:
         )
     norm = ops[-1]
     return SplitTransform(
-        pil=T.Compose(ops[:-2]),
+        pil=T.Compose([_own_op(op) for op in ops[:-2]]),
         mean=tuple(float(m) for m in norm.mean),
         std=tuple(float(s) for s in norm.std),
     )
+
+
+class MaybeConvertMode:
+    """PIL image -> image.convert(mode); arrays and tensors pass through: open_clip's
+    MaybeConvertMode, re-made here with the same behaviour and repr. A train transform is pickled
+    into every Ray Data process of a trial, and unpickling open_clip's op imported all of
+    open_clip there (seconds per process); this one imports nothing new."""
+
+    def __init__(self, mode: str = "RGB"):
+        self.mode = mode
+
+    def __call__(self, pic):
+        return pic if isinstance(pic, (np.ndarray, torch.Tensor)) else pic.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return "MaybeConvertMode()"  # open_clip's repr: transform reprs are part of shared-work keys
+
+
+def _own_op(op):
+    """`op`, or regft's equivalent of it when it is open_clip's MaybeConvertMode."""
+    kind = type(op)
+    if kind.__name__ == "MaybeConvertMode" and kind.__module__.startswith("open_clip"):
+        return MaybeConvertMode(op.mode)
+    return op
 
 
 def to_uint8(image) -> torch.Tensor:

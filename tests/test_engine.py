@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import COLOUR_CLASSES, colour_images
 from PIL import Image
+from torchvision import transforms as T
 
 from regft.engine import (
     EvalSet,
@@ -75,6 +76,27 @@ def test_split_transform_composes_to_the_bundle_transform(tiny):
     torch.testing.assert_close(ours, bundle.preprocess_eval(img), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="ToTensor"):
         split_clip_transform(split.pil)
+
+
+def test_split_transforms_pickle_without_open_clip(tiny):
+    """A split train/eval transform unpickles without importing open_clip (every Ray Data process
+    of a trial unpickles the train one), and does what open_clip's own ops do, bit for bit."""
+    import pickle
+    import pickletools
+
+    bundle, _, _ = tiny
+    rng = np.random.default_rng(1)
+    grey = Image.fromarray(rng.integers(0, 255, (40, 52), dtype=np.uint8))  # mode L: converted
+    for transform in (bundle.preprocess_train, bundle.preprocess_eval):
+        assert any(type(op).__module__.startswith("open_clip") for op in transform.transforms)
+        split = split_clip_transform(transform)
+        names = {a for _, a, _ in pickletools.genops(pickle.dumps(split.pil)) if isinstance(a, str)}
+        assert not any(n.startswith("open_clip") for n in names), names
+        assert repr(split.pil) == repr(T.Compose(transform.transforms[:-2]))
+        torch.manual_seed(3)
+        ours = normalize_uint8(split.to_uint8(grey)[None], split.mean, split.std)[0]
+        torch.manual_seed(3)
+        torch.testing.assert_close(ours, transform(grey), rtol=0, atol=1e-6)
 
 
 def test_loss_decreases_on_a_learnable_task(tiny):
