@@ -16,9 +16,11 @@ has 2 cores), so it measures DDP + gather overhead on shared cores, not scaling.
 
 Figure of merit: training images/s of an epoch (the `images_per_s` the loop reports: from the
 first batch request to the end of the last step, evaluation excluded), median over the epochs
-after the first (warm-up); the loops run interleaved `--repeats` times and the best repeat counts
-(other jobs on a shared machine only ever slow a loop down). Prints a Markdown table to paste
-under "## Training" in benchmarks/RESULTS.md.
+after the first (warm-up); the loops run interleaved `--repeats` times, and the table gives the
+min / median / max of it over the repeats with the ratios of the best repeats and of the medians
+(other jobs on a shared machine only ever slow a loop down; this VM's speed also drifts between
+repeats on its own). Prints a Markdown table to paste under "## Training" in
+benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -180,25 +182,31 @@ def main(argv: list[str] | None = None) -> int:
                 print(name, [round(x) for x in results[name][-1]], os.getloadavg(), file=sys.stderr)
     ray.shutdown()
 
-    best = {name: max(steady(rates) for rates in runs) for name, runs in results.items()}
+    spread = {name: sorted(steady(rates) for rates in runs) for name, runs in results.items()}
+    best = {name: s[-1] for name, s in spread.items()}
+    middle = {name: statistics.median(s) for name, s in spread.items()}
     base, one = best["plain loop (1 process)"], best["Ray Train, 1 worker"]
     where = torch.cuda.get_device_name(0) if gpu else f"{os.cpu_count()} CPUs"
     print(f"{args.images} images x {args.epochs} epochs, global batch {args.batch_size}, "
           f"{args.model} CLIP ({args.pretrained or 'random'} weights, {args.image_size} px, "
           f"precision {args.precision}), {where}, {args.repeats} interleaved repeats; steady = "
-          f"median of epochs 2..{args.epochs}; best = highest steady over repeats\n")
-    print("| loop | images/s per epoch, each repeat | best steady images/s | vs plain | vs Ray 1 worker |")
+          f"median of epochs 2..{args.epochs}; min / median / max of it over the repeats; "
+          f"load average {os.getloadavg()[2]:.1f} (15 min) at the end\n")
+    print("| loop | images/s per epoch, each repeat | steady min / median / max | vs plain (best; median) "
+          "| vs Ray 1 worker (best) |")
     print("| --- | --- | --- | --- | --- |")
+    plain_mid = middle["plain loop (1 process)"]
     for name, runs in results.items():
         per = "; ".join(", ".join(f"{r:.0f}" for r in rates) for rates in runs)
-        print(f"| {name} | {per} | {best[name]:.0f} | {best[name] / base:.2f}x | "
-              f"{best[name] / one:.2f}x |")
+        s = spread[name]
+        print(f"| {name} | {per} | {s[0]:.0f} / {middle[name]:.0f} / {s[-1]:.0f} | "
+              f"{best[name] / base:.2f}x; {middle[name] / plain_mid:.2f}x | {best[name] / one:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": args.model, "pretrained": args.pretrained, "image_size": args.image_size,
             "device": where, "precision": args.precision, "batch_size": args.batch_size,
             "images": args.images, "epochs": args.epochs, "per_epoch_images_per_s": results,
-            "best_steady_images_per_s": best}, indent=1))
+            "best_steady_images_per_s": best, "median_steady_images_per_s": middle}, indent=1))
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from regft.cli import redact, shorten
+from regft.phases import is_stamp_key
 from regft.reports import BOOKKEEPING_KEYS
 
 HEALTH_TIMEOUT_S = 5.0  # a tracking server that does not answer /health by then is down
@@ -237,10 +238,13 @@ def flat_params(params: dict[str, Any]) -> dict[str, str]:
 
 
 def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The finite numbers of a report (or a Tune result, less Tune's and Train's bookkeeping)."""
+    """The finite numbers of a report (or a Tune result, less Tune's and Train's bookkeeping and
+    the phases' wall-clock stamps, regft.phases)."""
     out = {}
     for k, v in result.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or k in BOOKKEEPING_KEYS:
+            continue
+        if is_stamp_key(k):
             continue
         if isinstance(v, float) and not math.isfinite(v):
             continue

@@ -57,6 +57,11 @@ def is_phase_key(k: str) -> bool:
     return k.startswith(PREFIX)
 
 
+def is_stamp_key(k: str) -> bool:
+    """One of the worker's wall-clock stamps: for the driver's timing, not a metric to log."""
+    return k in (TRIAL_FN_AT, SENT_AT)
+
+
 def _is_seconds(k: str) -> bool:
     return k.startswith(PREFIX) and k.endswith(SUFFIX)
 

@@ -38,3 +38,13 @@ def test_reports_with_phase_keys_parse_as_without():
                     effective_rank=2.0, select_metric=0.5)
     wire = {**r.to_dict(), "phase/train_s": 3.0, phases.SENT_AT: 1e9, "trial_id": "x"}
     assert parse_result(wire) == r
+
+
+def test_trial_metrics_keep_phase_seconds_and_drop_the_wall_clock_stamps():
+    """A trial's MLflow metrics (mlflow_store.numeric_metrics, what tracking logs per report):
+    phase seconds are metrics; the worker's wall-clock stamps only time the driver's phases."""
+    from regft.mlflow_store import numeric_metrics
+
+    wire = {"epoch": 2, "select_metric": 0.5, "phase/train_s": 3.0, phases.TRIAL_FN_AT: 1.7e9,
+            phases.SENT_AT: 1.7e9 + 40}
+    assert numeric_metrics(wire) == {"epoch": 2.0, "select_metric": 0.5, "phase/train_s": 3.0}
