@@ -697,7 +697,8 @@ def send(w: Worker, report: Report, state_dict: StateDict | None = None,
         return
     if not meta.final:
         # the previous epoch's checkpoint was committed while this epoch trained, so this does
-        # not wait: waiting for each commit right after its report cost about a second an epoch
+        # not wait; waiting for each commit right after its report was nearly all of a smoke
+        # trial's checkpoint time (benchmarks/RESULTS.md, "A trial's phases")
         drop_stale_train_states()
     with tempfile.TemporaryDirectory(prefix="regft-ckpt-") as d:
         ckpt.save(d, state_dict, meta, train_state)
