@@ -101,11 +101,12 @@ class SearchSettings:
     task: str | None = None
     classnames: str | None = None  # a text file of class names instead of a catalog task
     max_classes: int | None = None  # use only the first N classes (smoke runs of big tasks)
-    seed: int = 0  # training, generation and the TPE sampler
+    seed: int = 0  # training, generation and the sampler
     search_space: str | None = None  # default: the task's shipped file, else default.yaml
     num_samples: int = 16
     max_concurrent: int | None = None  # default: as many trials as the cluster holds at once
     scheduler: str = "asha"  # asha | fifo
+    sampler: str = "tpe"  # tpe | random (regft.searcher.SAMPLERS): Optuna's proposals
     gpus_per_trial: float = 0.0  # shared evenly by the trial's workers; > 0 trains on GPU
     storage: str = "regft_runs"  # datasets, Tune/Train state and results (local path or URI)
     tracking_uri: str | None = None  # default: sqlite file in the working directory
@@ -668,13 +669,15 @@ def build_tuner(plan: SearchPlan, layout: SearchLayout, parent: ParentRun, datas
                                    layout.name, datasets.by_key)
     n_conc = max_concurrent_trials(plan.trial, cap, s.num_samples, s.max_concurrent)
     print(f"search {layout.name}: {s.num_samples} trials, up to {n_conc} at a time, scheduler "
-          f"{s.scheduler}; MLflow experiment {parent.experiment!r} at {redact(plan.tracking_uri)}")
+          f"{s.scheduler}, sampler {s.sampler}; MLflow experiment {parent.experiment!r} at "
+          f"{redact(plan.tracking_uri)}")
     if s.resume:
         print(f"resuming search {layout.name} from {layout.experiment_path}")
         return tune.Tuner.restore(layout.experiment_path, trainable=trainable,
                                   param_space=plan.space.to_tune(), resume_unfinished=True,
                                   resume_errored=True)
-    searcher = make_searcher(SELECT, "max", s.seed, layout.study_url, study_name=layout.name)
+    searcher = make_searcher(SELECT, "max", s.seed, layout.study_url, study_name=layout.name,
+                             sampler=s.sampler)
     # a trial reports once per epoch and once more after the last (the ensembled final report)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=plan.trial.epochs + 1,
                                grace_period=1, reduction_factor=2)

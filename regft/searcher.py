@@ -1,4 +1,5 @@
-"""Optuna TPE for Ray Tune, with early-stopped trials reported to Optuna as PRUNED.
+"""Optuna TPE (or random search, the baseline) for Ray Tune, with early-stopped trials
+reported to Optuna as PRUNED.
 
 Every trial reports per epoch (the fine-tuned model's selection metric) and, when it finishes,
 a final result (`final: True`) whose `select_metric` is the best weight-space ensemble's. ASHA
@@ -26,6 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from regft.reports import DivergedReport, FinalReport
 
 DIVERGED_ATTR = "diverged"  # the Optuna user attribute of a diverged trial
+SAMPLERS = ("tpe", "random")  # --sampler: regft's default, and random search as a baseline
 
 
 def is_report(result: dict, kind) -> bool:
@@ -64,12 +66,16 @@ class FinishedOnlyOptunaSearch(OptunaSearch):
 
 
 def make_searcher(metric: str | None, mode: str | None, seed: int, storage_url: str | None = None,
-                  study_name: str | None = None) -> FinishedOnlyOptunaSearch:
-    """Seeded TPE; the space comes from the Tuner's `param_space` (Tune converts it).
+                  study_name: str | None = None, sampler: str = "tpe") -> FinishedOnlyOptunaSearch:
+    """Seeded TPE, or seeded random search (`sampler`, one of SAMPLERS); the space comes from the
+    Tuner's `param_space` (Tune converts it).
 
     `storage_url` (e.g. sqlite:///.../optuna.db) keeps the study on disk so the search's
     importance plots can be made from it and a resumed search continues it."""
-    sampler = optuna.samplers.TPESampler(seed=seed)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    sampler = (optuna.samplers.TPESampler(seed=seed) if sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=seed))
     storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
     return FinishedOnlyOptunaSearch(
         metric=metric, mode=mode, sampler=sampler, storage=storage,

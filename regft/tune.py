@@ -63,6 +63,8 @@ FLAGS = (
     Flag("--num-samples", "num_samples", int, "number of trials", POSITIVE),
     Flag("--max-concurrent", "max_concurrent", int, check=POSITIVE),
     Flag("--scheduler", "scheduler", choices=("asha", "fifo")),
+    Flag("--sampler", "sampler", choices=("tpe", "random"),  # searcher.SAMPLERS
+         help="how trials are proposed: tpe (Optuna TPE, default) or random (random search)"),
     Flag("--workers-per-trial", "train.num_workers", int, check=POSITIVE),
     Flag("--gpus-per-trial", "gpus_per_trial", float, check=NON_NEGATIVE),
     Flag("--cpus-per-worker", "train.cpus_per_worker", float, check=POSITIVE),

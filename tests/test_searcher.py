@@ -49,6 +49,24 @@ def test_seeded_suggestions_repeat(tmp_path):
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/o.db").trials) == 1
 
 
+def test_random_sampler_is_seeded_and_keeps_the_pruning(tmp_path):
+    """--sampler random (the search-value baseline): Optuna's RandomSampler, seeded like TPE, with
+    the same PRUNED/COMPLETE bookkeeping; an unknown sampler is refused by name."""
+    def first(sampler, seed):
+        s = make_searcher(None, None, seed=seed, sampler=sampler)
+        s.set_search_properties("select_metric", "max", SPACE)
+        return s, [s.suggest(str(i)) for i in range(3)]
+
+    searcher, proposals = first("random", 7)
+    assert isinstance(searcher._sampler, optuna.samplers.RandomSampler)
+    assert proposals == first("random", 7)[1] and proposals != first("random", 8)[1]
+    assert _drive(make_searcher(None, None, seed=0, sampler="random")) == {
+        0: optuna.trial.TrialState.PRUNED, 1: optuna.trial.TrialState.COMPLETE,
+        2: optuna.trial.TrialState.FAIL}
+    with pytest.raises(ValueError, match="'grid' is not one of tpe, random"):
+        make_searcher(None, None, seed=0, sampler="grid")
+
+
 FINAL = {"select_metric": 0.5, "training_iteration": 2, "final": True}
 # the last report of a trial whose loss went NaN at epoch 2 (regft.train.diverged_report's wire)
 DIVERGED = {"training_iteration": 2, **DivergedReport.WIRE}

@@ -50,6 +50,7 @@ def test_bad_inputs_exit_2_before_any_work(tmp_path, capsys, ray_local):
         (["cars", "--preset", "smoke", "--tracking-uri", f"http://127.0.0.1:{closed_port()}"],
          "tracking server unreachable"),
         (["cars", "--preset", "smoke", "--epochs", "0", "--num-samples", "-1"], "--epochs: must be > 0"),
+        (["cars", "--preset", "smoke", "--sampler", "grid"], "argument --sampler: invalid choice: 'grid'"),
         (["cars"], "weights for ViT-B-16/openai"),  # paper default offline: weights unavailable
     ]
     for argv, expected in cases:
