@@ -1,0 +1,177 @@
+"""Does the search pay for itself? The paper's fixed recipe against random search and against
+regft's default search, at the same trial budget, on the shapes testbed (issue 17 item 3).
+
+    python benchmarks/search_value.py --seeds 0 1 2 --num-samples 12        # ~hours on 2 CPUs
+    python benchmarks/search_value.py --seeds 0 --num-samples 2 --epochs 1 --images-per-class 10
+
+Per seed, three searches through the real command (`regft.tune.main`, in process, one local Ray),
+on `shapes --preset smoke` (plus `--collapse` if given) with the same dataset:
+
+- A, the paper's recipe: lr 1e-3, VC 0.16 with b/a 0.125 (= 0.02 / 0.16), alpha by the knee rule:
+  one trial of a search space with every value fixed (what a user gets without searching).
+- B, random search, FIFO: N trials (`--sampler random --scheduler fifo`: Optuna's RandomSampler,
+  seeded; everything else is the shipped search: the space, the trials, the selection rule).
+- C, regft's default: Optuna TPE + ASHA, N trials. (TPE's first `n_startup_trials` = 10 proposals
+  are random draws from the same seed: with N <= 10, B and C try the same configurations and
+  differ only by the scheduler.)
+
+Reported per search: the selected trial (best `select_metric`, the generated-val value at its
+chosen alpha, as the search selects) and its real-test accuracy (reported only: never used to
+select), the trial-epochs trained, the wall time of the command; for C the trial-epochs it had
+spent when it first reached B's best value, and the fraction of B's trial-epochs that saves.
+The oracle per seed: the best real-test accuracy of any trial of A, B or C (a ceiling, chosen on
+the test split). Then the means over seeds with [min, max].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARMS = ("A", "B", "C")
+PAPER_RECIPE = {"lr": 1.0e-3, "vc_weight": 0.16, "vc_cov_ratio": 0.125}  # docs/method.md
+REAL = "ens_real_test_acc"  # the selected alpha's real-test accuracy of a trial (reported only)
+
+
+def recipe_space(path: Path) -> str:
+    """A search space whose every dimension is one value: the paper's recipe."""
+    lines = ["parameters:"] + [
+        f"  {k}: {{distribution: choice, values: [{v!r}], why: \"the paper's recipe\"}}"
+        for k, v in PAPER_RECIPE.items()]
+    lines.append('alpha: {low: 0.0, high: 1.0, step: 0.1, why: "knee rule on generated val"}')
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def arm_argv(arm: str, seed: int, args, root: Path) -> list[str]:
+    argv = ["shapes", "--preset", "smoke", "--seed", str(seed), "--name", f"value-{arm}-{seed}",
+            "--storage", str(root / "store"), "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    for flag, value in (("--epochs", args.epochs), ("--images-per-class", args.images_per_class),
+                        ("--collapse", args.collapse)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if arm == "A":
+        return argv + ["--num-samples", "1", "--scheduler", "fifo",
+                       "--search-space", recipe_space(root / "recipe.yaml")]
+    if arm == "B":
+        return argv + ["--num-samples", str(args.num_samples), "--scheduler", "fifo", "--sampler", "random"]
+    return argv + ["--num-samples", str(args.num_samples), "--scheduler", "asha", "--sampler", "tpe"]
+
+
+def run_arm(arm: str, seed: int, args, root: Path) -> dict:
+    from regft.tune import main
+
+    argv = arm_argv(arm, seed, args, root)
+    t0 = time.time()
+    rc = main(argv)
+    wall = time.time() - t0
+    if rc != 0:
+        raise SystemExit(f"arm {arm} seed {seed} failed (exit {rc}): "
+                         f"python -m regft.tune {' '.join(argv)}")
+    return {"arm": arm, "seed": seed, "wall_s": wall,
+            **trial_rows(str(root / "store" / "searches" / f"value-{arm}-{seed}"))}
+
+
+def trial_rows(experiment_path: str) -> dict:
+    """Per trial: its epoch reports and its final report, from Tune's progress files."""
+    from ray.tune import ExperimentAnalysis
+
+    events, finals, starts = [], [], []  # (timestamp, final?) of every report; finals' numbers
+    for df in ExperimentAnalysis(experiment_path).trial_dataframes.values():
+        if df.empty:
+            continue
+        starts.append(float(df["timestamp"].iloc[0] - df["time_this_iter_s"].iloc[0]))
+        is_final = df["final"].fillna(False).astype(bool) if "final" in df else df["epoch"] * 0 > 0
+        for ts, final in zip(df["timestamp"], is_final):
+            events.append((float(ts), bool(final)))
+        for _, row in df[is_final].iterrows():
+            finals.append({"select": float(row["select_metric"]), "real": float(row[REAL]),
+                           "timestamp": float(row["timestamp"])})
+    events.sort()
+    # the search itself: first trial start to last report (A's command also generates the data)
+    search_s = events[-1][0] - min(starts) if events else float("nan")
+    return {"trials": len(finals), "trial_epochs": sum(1 for _, f in events if not f),
+            "search_s": search_s, "events": events, "finals": finals}
+
+
+def selected(r: dict) -> dict:
+    """The search's choice: the best select_metric (ties to the earlier trial)."""
+    return max(sorted(r["finals"], key=lambda f: f["timestamp"]), key=lambda f: f["select"])
+
+
+def epochs_to_reach(r: dict, target: float) -> int | None:
+    """Trial-epochs spent (in time order) when a final report first reached `target`."""
+    spent = 0
+    reached = {f["timestamp"] for f in r["finals"] if f["select"] >= target}
+    for ts, final in r["events"]:
+        if final and ts in reached:
+            return spent
+        spent += 0 if final else 1
+    return None
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["| seed | arm | trials | trial-epochs | selected: select | real test | search s | command s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    stats: dict[str, list[float]] = {}
+    for seed in seeds:
+        for arm in ARMS:
+            r = by[(arm, seed)]
+            s = selected(r)
+            lines.append(f"| {seed} | {arm} | {r['trials']} | {r['trial_epochs']} | {s['select']:.4f} "
+                         f"| {s['real']:.4f} | {r['search_s']:.0f} | {r['wall_s']:.0f} |")
+            stats.setdefault(f"{arm} real", []).append(s["real"])
+            stats.setdefault(f"{arm} trial-epochs", []).append(r["trial_epochs"])
+        oracle = max(f["real"] for arm in ARMS for f in by[(arm, seed)]["finals"])
+        stats.setdefault("oracle real", []).append(oracle)
+        b, c = by[("B", seed)], by[("C", seed)]
+        reach = epochs_to_reach(c, selected(b)["select"])
+        saved = None if reach is None else 1 - reach / b["trial_epochs"]
+        lines.append(f"| {seed} | oracle | | | | {oracle:.4f} | | |")
+        lines.append(f"| {seed} | C vs B | | C reached B's best after {reach} trial-epochs | "
+                     f"saved {'-' if saved is None else f'{saved:.0%}'} of B's | | | |")
+        if saved is not None:
+            stats.setdefault("C saved vs B", []).append(saved)
+    lines.append("")
+    for k, v in stats.items():
+        lines.append(f"{k}: mean {statistics.mean(v):.4f} [{min(v):.4f}, {max(v):.4f}] over {len(v)} seeds")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--num-samples", type=int, default=12, help="trials of B and of C (N)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's (13)")
+    p.add_argument("--images-per-class", type=int, default=None, help="default: the preset's (100)")
+    p.add_argument("--collapse", type=float, default=None, help="shapes diversity collapse")
+    p.add_argument("--json", default=None, help="write every arm's numbers to this file")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    load0 = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for seed in args.seeds:  # A first: it also generates the seed's dataset, B and C reuse it
+            rows += [run_arm(arm, seed, args, root) for arm in ARMS]
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows), encoding="utf-8")
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs; python {sys.version.split()[0]}; "
+          f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    given = argv if argv is not None else sys.argv[1:]
+    print(f"command: python benchmarks/search_value.py {' '.join(given)}")
+    print("\n".join(summarize(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
