@@ -23,6 +23,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -547,30 +548,28 @@ def split_shards(dataset_path: str, split: str, val_fraction: float) -> tuple[pa
 def read_table(dataset_path: str, split: str = "all", val_fraction: float = 0.1,
                columns: list[str] | None = None) -> pa.Table:
     """All rows of a complete dataset in `split` as one Arrow table, in item_id order."""
-    fs, paths = split_shards(dataset_path, split, val_fraction)
-    cols = None if columns is None else sorted(set(columns) | {"item_id"}, key=SCHEMA.names.index)
-    table = pa.concat_tables([pq.read_table(p, columns=cols, filesystem=fs) for p in paths])
-    if split != "all":
-        table = filter_split(table, split, val_fraction)
-    return table
+    return pa.concat_tables(split_blocks(dataset_path, split, val_fraction, columns, math.inf))
 
 
-def split_blocks(dataset_path: str, split: str, val_fraction: float, columns: list[str],
-                 block_bytes: int) -> Iterator[pa.Table]:
+def split_blocks(dataset_path: str, split: str, val_fraction: float, columns: list[str] | None,
+                 block_bytes: float) -> Iterator[pa.Table]:
     """The rows of `split` as consecutive tables of about `block_bytes` each (a shard is never
     cut; shards are joined until a block reaches the size), in item_id order, columns
-    `columns` plus item_id. Read one shard at a time, so memory holds one block."""
+    `columns` plus item_id (None: every column). Read one shard at a time, so memory holds one
+    block."""
     fs, paths = split_shards(dataset_path, split, val_fraction)
-    cols = sorted(set(columns) | {"item_id"}, key=SCHEMA.names.index)
+    cols = None if columns is None else sorted(set(columns) | {"item_id"}, key=SCHEMA.names.index)
     pending: list[pa.Table] = []
+    size = 0
     for p in paths:
         table = pq.read_table(p, columns=cols, filesystem=fs)
         if split != "all":
             table = filter_split(table, split, val_fraction)
         pending.append(table)
-        if sum(t.nbytes for t in pending) >= block_bytes:
+        size += table.nbytes
+        if size >= block_bytes:
             yield pa.concat_tables(pending)
-            pending = []
+            pending, size = [], 0
     if pending:
         yield pa.concat_tables(pending)
 

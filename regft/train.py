@@ -133,6 +133,7 @@ EVAL_CACHE_BYTES = 4 * 2**30  # per rank: decoded eval images kept in memory up 
 DECODE_BATCH_ROWS = 64
 PREFETCH_BATCHES = 2  # train batches Ray Data prepares ahead of the step that needs them
 DEFAULT_BLOCK_BYTES = 128 * 2**20  # the train split's object-store blocks, when Ray sets no target
+TRAIN_COLUMNS = ["image", "label"]  # what the training pipeline keeps of a stored row
 MIN_VC_BATCH = 2  # VC's variance and covariance are statistics over a worker's batch
 
 
@@ -293,9 +294,9 @@ def cached_train_split(dataset_path: str, val_fraction: float) -> ray.data.Datas
     read's materialize was: the seeded shuffle (RandomSeedConfig, reseed_after_execution) counts
     its context's executions, so the epochs see the same permutations as before."""
     block_bytes = DataContext.get_current().target_max_block_size or DEFAULT_BLOCK_BYTES
-    refs = [ray.put(t) for t in st.split_blocks(dataset_path, "train", val_fraction,
-                                                ["image", "label"], block_bytes)]
-    return ray.data.from_arrow_refs(refs).select_columns(["image", "label"]).materialize()
+    refs = [ray.put(t) for t in st.split_blocks(dataset_path, "train", val_fraction, TRAIN_COLUMNS,
+                                                block_bytes)]
+    return ray.data.from_arrow_refs(refs).select_columns(TRAIN_COLUMNS).materialize()
 
 
 def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
@@ -312,7 +313,7 @@ def train_dataset(cfg: TrainConfig, dataset_path: str, train_tf):
         if cfg.cache_train:
             ds = cached_train_split(dataset_path, cfg.val_fraction)
         else:
-            ds = read_ray_dataset(dataset_path, "train", cfg.val_fraction).select_columns(["image", "label"])
+            ds = read_ray_dataset(dataset_path, "train", cfg.val_fraction).select_columns(TRAIN_COLUMNS)
         # The pipeline re-runs once per epoch. Seeds re-drawn per execution give a fresh
         # permutation and fresh augmentations each epoch, the same ones on every run of
         # `cfg.seed`. Global, not a local buffer: the store's shards are in item_id

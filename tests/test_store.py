@@ -150,7 +150,13 @@ def test_split_blocks_join_whole_shards_up_to_the_block_size(tmp_path):
     shards are joined, never cut, until a block reaches block_bytes."""
     path = str(tmp_path / "ds")
     make_dataset(path, per_class=20, shard_size=7)  # 60 items in 9 shards
-    whole = st.read_table(path, "train", 0.25, columns=["image", "label"])
+    # the reference, read without the store's readers: every shard, the train rows by split_of
+    rows = pa.concat_tables([pq.read_table(p, columns=["item_id", "label", "image"])
+                             for p in st.split_shards(path, "train", 0.25)[1]])
+    whole = rows.filter(pa.array([st.split_of(i, 0.25) == "train"
+                                  for i in rows.column("item_id").to_pylist()]))
+    assert 0 < whole.num_rows < 60
+    assert st.read_table(path, "train", 0.25, columns=["image", "label"]).equals(whole)
     one = list(st.split_blocks(path, "train", 0.25, ["image", "label"], block_bytes=2**40))
     assert len(one) == 1 and one[0].equals(whole)
     shard_bytes = max(pq.read_table(p).nbytes for p in st.split_shards(path, "train", 0.25)[1])
