@@ -108,7 +108,7 @@ class Run:
 
 def stages(run: Run) -> dict[str, float]:
     """Wall seconds per stage, from the driver's lines (see the module docstring)."""
-    t_data, data_line = run.first(r"^dataset: .*ready in \d+ s")
+    t_data, data_line = run.first(r"^datasets: \d+ ready in \d+ s")
     gen = float(re.search(r"ready in (\d+) s", data_line).group(1))
     t_start, _ = run.first(r"trial \w+\s+started")
     t_epoch, epoch_line = run.first(r"trial \w+\s+epoch 1/1")
