@@ -83,16 +83,21 @@ def trial_rows(experiment_path: str) -> dict:
     from ray.tune import ExperimentAnalysis
 
     events, finals, starts = [], [], []  # (timestamp, final?) of every report; finals' numbers
-    for df in ExperimentAnalysis(experiment_path).trial_dataframes.values():
+    analysis = ExperimentAnalysis(experiment_path)
+    configs = analysis.get_all_configs()  # keyed by trial path, as trial_dataframes
+    for path, df in analysis.trial_dataframes.items():
         if df.empty:
             continue
+        config = {k: v for k, v in configs.get(path, {}).items() if isinstance(v, (int, float, str))}
         starts.append(float(df["timestamp"].iloc[0] - df["time_this_iter_s"].iloc[0]))
         is_final = df["final"].fillna(False).astype(bool) if "final" in df else df["epoch"] * 0 > 0
         for ts, final in zip(df["timestamp"], is_final):
             events.append((float(ts), bool(final)))
         for _, row in df[is_final].iterrows():
             finals.append({"select": float(row["select_metric"]), "real": float(row[REAL]),
-                           "timestamp": float(row["timestamp"])})
+                           "timestamp": float(row["timestamp"]), "config": config,
+                           "alpha": float(row["best_alpha"]), "ft_real": float(row["ft_real_test_acc"]),
+                           "zs_real": float(row["zs_real_test_acc"])})
     events.sort()
     # the search itself: first trial start to last report (A's command also generates the data)
     search_s = events[-1][0] - min(starts) if events else float("nan")
@@ -146,6 +151,76 @@ def summarize(rows: list[dict]) -> list[str]:
     return lines
 
 
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties given their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (None where either side is constant or too short)."""
+    rx, ry = ranks(x), ranks(y)
+    if len(x) < 3 or len(set(rx)) < 2 or len(set(ry)) < 2:
+        return None
+    return statistics.correlation(rx, ry)
+
+
+def trial_lines(rows: list[dict]) -> list[str]:
+    """Every finished trial (B's and C's: A's one is the recipe), in the order it finished: the
+    values it was given, the alpha it chose, its selection value and real-test numbers; then, per
+    seed, how the selection value ranks the trials against how real test does."""
+    lines = ["| seed | arm | lr | vc_weight | alpha | select | ft real | ens real |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for f in sorted(r["finals"], key=lambda f: f["timestamp"]):
+            c = f.get("config", {})
+            lines.append(f"| {r['seed']} | {r['arm']} | {c.get('lr', float('nan')):.2e} "
+                         f"| {c.get('vc_weight', float('nan')):.3f} | {f.get('alpha', float('nan')):.1f} "
+                         f"| {f['select']:.4f} | {f.get('ft_real', float('nan')):.4f} | {f['real']:.4f} |")
+    lines.append("")
+    for seed in sorted({r["seed"] for r in rows}):
+        b = [f for r in rows if r["seed"] == seed and r["arm"] == "B" for f in r["finals"]]
+        rho = spearman([f["select"] for f in b], [f["real"] for f in b])
+        lines.append(f"seed {seed}: Spearman(select, real test) over B's {len(b)} trials: "
+                     f"{'-' if rho is None else f'{rho:+.2f}'}")
+    return lines
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Each finished trial as (selection value, real test), one panel per seed: whether the value
+    the search selects on tracks the accuracy a user wants."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted({r["seed"] for r in rows})
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.8), squeeze=False)
+    style = {"A": ("*", "the recipe (A)", 160), "B": ("o", "random + FIFO (B)", 36),
+             "C": ("x", "TPE + ASHA (C)", 44)}
+    for ax, seed in zip(axes[0], seeds):
+        for r in (r for r in rows if r["seed"] == seed):
+            marker, label, size = style[r["arm"]]
+            ax.scatter([f["select"] for f in r["finals"]], [f["real"] for f in r["finals"]],
+                       marker=marker, s=size, label=label)
+        ax.set_title(f"seed {seed}")
+        ax.set_xlabel("selection value (generated val, knee alpha)")
+        ax.set_ylabel("real test (reported only)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -154,22 +229,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-class", type=int, default=None, help="default: the preset's (100)")
     p.add_argument("--collapse", type=float, default=None, help="shapes diversity collapse")
     p.add_argument("--json", default=None, help="write every arm's numbers to this file")
+    p.add_argument("--root", default=None,
+                   help="keep the store and the MLflow db in this folder (default: a temporary one)")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="run nothing: print the summary of runs saved with --json (several merge)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also draw select vs real test per trial")
     args = p.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    if args.from_json:
+        rows = [row for f in args.from_json for row in json.loads(Path(f).read_text(encoding="utf-8"))]
+        return report(rows, args, given)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     load0 = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(args.root or tmp)
+        root.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:  # A first: it also generates the seed's dataset, B and C reuse it
             rows += [run_arm(arm, seed, args, root) for arm in ARMS]
     if args.json:
         Path(args.json).write_text(json.dumps(rows), encoding="utf-8")
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs; python {sys.version.split()[0]}; "
           f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end")
-    given = argv if argv is not None else sys.argv[1:]
+    return report(rows, args, given)
+
+
+def report(rows: list[dict], args, given: list[str]) -> int:
     print(f"command: python benchmarks/search_value.py {' '.join(given)}")
     print("\n".join(summarize(rows)))
+    print("\n".join(trial_lines(rows)))
+    if args.plot:
+        plot(rows, args.plot)
     return 0
 
 
