@@ -3,6 +3,7 @@ regft's default search, at the same trial budget, on the shapes testbed (issue 1
 
     python benchmarks/search_value.py --seeds 0 1 2 --num-samples 12        # ~hours on 2 CPUs
     python benchmarks/search_value.py --seeds 0 --num-samples 2 --epochs 1 --images-per-class 10
+    python benchmarks/search_value.py --from-json a.json b.json --plot value.png   # re-print, merged
 
 Per seed, three searches through the real command (`regft.tune.main`, in process, one local Ray),
 on `shapes --preset smoke` (plus `--collapse` if given) with the same dataset:
@@ -14,6 +15,10 @@ on `shapes --preset smoke` (plus `--collapse` if given) with the same dataset:
 - C, regft's default: Optuna TPE + ASHA, N trials. (TPE's first `n_startup_trials` = 10 proposals
   are random draws from the same seed: with N <= 10, B and C try the same configurations and
   differ only by the scheduler.)
+
+`--real-val-per-class K` makes every arm select (epoch and alpha, and so the trial) on K labelled
+real-domain images per class instead of the generated val split: `--real-val DIR
+--selection-metric real_val`, the README's advice for a user who has a few labelled images.
 
 Reported per search: the selected trial (best `select_metric`, the generated-val value at its
 chosen alpha, as the search selects) and its real-test accuracy (reported only: never used to
@@ -56,12 +61,27 @@ def arm_argv(arm: str, seed: int, args, root: Path) -> list[str]:
                         ("--collapse", args.collapse)):
         if value is not None:
             argv += [flag, str(value)]
+    if args.real_val_per_class:
+        argv += ["--real-val", real_val_split(root, args.real_val_per_class),
+                 "--selection-metric", "real_val"]
     if arm == "A":
         return argv + ["--num-samples", "1", "--scheduler", "fifo",
                        "--search-space", recipe_space(root / "recipe.yaml")]
     if arm == "B":
         return argv + ["--num-samples", str(args.num_samples), "--scheduler", "fifo", "--sampler", "random"]
     return argv + ["--num-samples", str(args.num_samples), "--scheduler", "asha", "--sampler", "tpe"]
+
+
+def real_val_split(root: Path, per_class: int) -> str:
+    """A labelled real val split of the testbed (real-domain images, none of them in the real test
+    split), written once as an ImageFolder: what a user with a few labelled images per class has."""
+    from regft.shapes import write_real_test
+
+    folder = root / f"real-val-{per_class}"
+    if not folder.exists():
+        write_real_test(str(folder.with_suffix(".partial")), per_class, split="val")
+        folder.with_suffix(".partial").rename(folder)
+    return str(folder)
 
 
 def run_arm(arm: str, seed: int, args, root: Path) -> dict:
@@ -128,23 +148,28 @@ def summarize(rows: list[dict]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     stats: dict[str, list[float]] = {}
     for seed in seeds:
-        for arm in ARMS:
+        arms = [arm for arm in ARMS if (arm, seed) in by]
+        for arm in arms:
             r = by[(arm, seed)]
             s = selected(r)
             lines.append(f"| {seed} | {arm} | {r['trials']} | {r['trial_epochs']} | {s['select']:.4f} "
                          f"| {s['real']:.4f} | {r['search_s']:.0f} | {r['wall_s']:.0f} |")
             stats.setdefault(f"{arm} real", []).append(s["real"])
             stats.setdefault(f"{arm} trial-epochs", []).append(r["trial_epochs"])
-        oracle = max(f["real"] for arm in ARMS for f in by[(arm, seed)]["finals"])
+        oracle = max(f["real"] for arm in arms for f in by[(arm, seed)]["finals"])
         stats.setdefault("oracle real", []).append(oracle)
-        b, c = by[("B", seed)], by[("C", seed)]
-        reach = epochs_to_reach(c, selected(b)["select"])
-        saved = None if reach is None else 1 - reach / b["trial_epochs"]
         lines.append(f"| {seed} | oracle | | | | {oracle:.4f} | | |")
-        lines.append(f"| {seed} | C vs B | | C reached B's best after {reach} trial-epochs | "
-                     f"saved {'-' if saved is None else f'{saved:.0%}'} of B's | | | |")
-        if saved is not None:
-            stats.setdefault("C saved vs B", []).append(saved)
+        if {"A", "C"} <= set(arms):
+            stats.setdefault("C - A real", []).append(
+                selected(by[("C", seed)])["real"] - selected(by[("A", seed)])["real"])
+        if {"B", "C"} <= set(arms):
+            b, c = by[("B", seed)], by[("C", seed)]
+            reach = epochs_to_reach(c, selected(b)["select"])
+            saved = None if reach is None else 1 - reach / b["trial_epochs"]
+            lines.append(f"| {seed} | C vs B | | C reached B's best after {reach} trial-epochs | "
+                         f"saved {'-' if saved is None else f'{saved:.0%}'} of B's | | | |")
+            if saved is not None:
+                stats.setdefault("C saved vs B", []).append(saved)
     lines.append("")
     for k, v in stats.items():
         lines.append(f"{k}: mean {statistics.mean(v):.4f} [{min(v):.4f}, {max(v):.4f}] over {len(v)} seeds")
@@ -212,7 +237,7 @@ def plot(rows: list[dict], path: str) -> None:
             ax.scatter([f["select"] for f in r["finals"]], [f["real"] for f in r["finals"]],
                        marker=marker, s=size, label=label)
         ax.set_title(f"seed {seed}")
-        ax.set_xlabel("selection value (generated val, knee alpha)")
+        ax.set_xlabel("selection value (select_metric at the chosen alpha)")
         ax.set_ylabel("real test (reported only)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -225,9 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--num-samples", type=int, default=12, help="trials of B and of C (N)")
+    p.add_argument("--arms", default="ABC", help="which arms to run (default ABC; A runs first "
+                   "whenever it is given: it generates the seed's dataset)")
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's (13)")
     p.add_argument("--images-per-class", type=int, default=None, help="default: the preset's (100)")
     p.add_argument("--collapse", type=float, default=None, help="shapes diversity collapse")
+    p.add_argument("--real-val-per-class", type=int, default=None, metavar="K",
+                   help="select on K labelled real images per class (--real-val, --selection-metric "
+                        "real_val) instead of the generated val split, in every arm")
     p.add_argument("--json", default=None, help="write every arm's numbers to this file")
     p.add_argument("--root", default=None,
                    help="keep the store and the MLflow db in this folder (default: a temporary one)")
@@ -235,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run nothing: print the summary of runs saved with --json (several merge)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw select vs real test per trial")
     args = p.parse_args(argv)
+    if not args.arms or set(args.arms) - set(ARMS):
+        p.error(f"--arms: letters of {''.join(ARMS)}, got {args.arms!r}")
+    if args.real_val_per_class is not None and args.real_val_per_class <= 0:
+        p.error(f"--real-val-per-class: a positive number of images per class, got {args.real_val_per_class}")
     given = argv if argv is not None else sys.argv[1:]
     if args.from_json:
         rows = [row for f in args.from_json for row in json.loads(Path(f).read_text(encoding="utf-8"))]
@@ -247,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root or tmp)
         root.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:  # A first: it also generates the seed's dataset, B and C reuse it
-            rows += [run_arm(arm, seed, args, root) for arm in ARMS]
+            rows += [run_arm(arm, seed, args, root) for arm in ARMS if arm in args.arms]
     if args.json:
         Path(args.json).write_text(json.dumps(rows), encoding="utf-8")
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs; python {sys.version.split()[0]}; "

@@ -327,22 +327,26 @@ def render_real_test(
     seed: int = REAL_TEST_SEED,
     resolution: int = RESOLUTION,
     classnames: tuple[str, ...] = TASK_CLASSES,
+    split: str = "test",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The task's real test split: (images uint8 N x H x W x 3, labels int64 N), class-major."""
+    """The task's real test split: (images uint8 N x H x W x 3, labels int64 N), class-major.
+    Another `split` name (e.g. "val": a labelled real val split for `--real-val`) renders other
+    real-domain images: the name enters every image's seed."""
     if n_per_class <= 0:
         raise UserError(f"shapes: n_per_class must be > 0, got {n_per_class}")
     images, labels = [], []
     for label, name in enumerate(classnames):
         for i in range(n_per_class):
-            images.append(render(name, real_seed(name, i, seed, "test"), 0.0, resolution))
+            images.append(render(name, real_seed(name, i, seed, split), 0.0, resolution))
             labels.append(label)
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
 def write_real_test(root: str, n_per_class: int = REAL_TEST_PER_CLASS, seed: int = REAL_TEST_SEED,
-                    resolution: int = RESOLUTION) -> str:
-    """Write the real test split as an ImageFolder tree root/<class name>/<index>.png."""
-    images, labels = render_real_test(n_per_class, seed, resolution)
+                    resolution: int = RESOLUTION, split: str = "test") -> str:
+    """Write the real test split (or another real `split`, as render_real_test) as an ImageFolder
+    tree root/<class name>/<index>.png."""
+    images, labels = render_real_test(n_per_class, seed, resolution, split=split)
     out = Path(root)
     counts: dict[int, int] = {}
     for img, label in zip(images, labels):

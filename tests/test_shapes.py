@@ -119,6 +119,14 @@ def test_real_test_split_is_class_major_and_reproducible():
     assert np.array_equal(imgs, again) and not np.array_equal(imgs, other)
 
 
+def test_a_real_val_split_is_other_real_images_than_the_test_split():
+    test, labels = shapes.render_real_test(3, seed=0)
+    val, val_labels = shapes.render_real_test(3, seed=0, split="val")
+    assert np.array_equal(labels, val_labels)
+    assert np.array_equal(val, shapes.render_real_test(3, seed=0, split="val")[0])
+    assert not any(np.array_equal(v, t) for v in val for t in test)
+
+
 def test_write_real_test_imagefolder(tmp_path):
     root = shapes.write_real_test(str(tmp_path / "real"), n_per_class=2)
     folders = sorted(p.name for p in Path(root).iterdir())
