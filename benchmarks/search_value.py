@@ -200,9 +200,9 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 
 def trial_lines(rows: list[dict]) -> list[str]:
-    """Every finished trial (B's and C's: A's one is the recipe), in the order it finished: the
-    values it was given, the alpha it chose, its selection value and real-test numbers; then, per
-    seed, how the selection value ranks the trials against how real test does."""
+    """Every finished trial, in the order it finished: the values it was given, the alpha it
+    chose, its selection value and real-test numbers; then, per search, how the selection value
+    ranks its trials against how real test does."""
     lines = ["| seed | arm | lr | vc_weight | alpha | select | ft real | ens real |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -212,11 +212,11 @@ def trial_lines(rows: list[dict]) -> list[str]:
                          f"| {c.get('vc_weight', float('nan')):.3f} | {f.get('alpha', float('nan')):.1f} "
                          f"| {f['select']:.4f} | {f.get('ft_real', float('nan')):.4f} | {f['real']:.4f} |")
     lines.append("")
-    for seed in sorted({r["seed"] for r in rows}):
-        b = [f for r in rows if r["seed"] == seed and r["arm"] == "B" for f in r["finals"]]
-        rho = spearman([f["select"] for f in b], [f["real"] for f in b])
-        lines.append(f"seed {seed}: Spearman(select, real test) over B's {len(b)} trials: "
-                     f"{'-' if rho is None else f'{rho:+.2f}'}")
+    for r in rows:
+        if r["arm"] != "A":
+            rho = spearman([f["select"] for f in r["finals"]], [f["real"] for f in r["finals"]])
+            lines.append(f"seed {r['seed']} {r['arm']}: Spearman(select, real test) over its "
+                         f"{len(r['finals'])} finished trials: {'-' if rho is None else f'{rho:+.2f}'}")
     return lines
 
 
