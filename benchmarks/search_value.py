@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -220,6 +221,31 @@ def trial_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def expected_selected_real(finals: list[dict], n: int) -> float:
+    """The real test of the trial a search of `n` of these trials would select (best select, ties
+    to the earlier trial), averaged exactly over every n-subset: a trial is selected by the subsets
+    that hold it and n - 1 of the trials it beats, C(beaten, n - 1) of the C(len, n)."""
+    order = sorted(finals, key=lambda f: (f["select"], -f["timestamp"]))  # worst first
+    weighted = sum(math.comb(beaten, n - 1) * f["real"] for beaten, f in enumerate(order))
+    return weighted / math.comb(len(order), n)
+
+
+def trial_count_lines(rows: list[dict]) -> list[str]:
+    """How much a random search gains from more trials: for n = 1 .. N, the expected real test of
+    the selected trial of a random search of n trials, drawn from B's (random) trials of a seed."""
+    b = sorted((r for r in rows if r["arm"] == "B"), key=lambda r: r["seed"])
+    if not b:
+        return []
+    width = max(len(r["finals"]) for r in b)
+    lines = ["| seed | " + " | ".join(f"n={n}" for n in range(1, width + 1)) + " |",
+             "| --- |" + " --- |" * width]
+    for r in b:
+        lines.append(f"| {r['seed']} | " + " | ".join(
+            f"{expected_selected_real(r['finals'], n):.4f}" for n in range(1, len(r["finals"]) + 1)) + " |")
+    return ["Expected real test of the selected trial of a random search of n trials (exact mean over "
+            "every n-subset of B's trials):"] + lines
+
+
 def plot(rows: list[dict], path: str) -> None:
     """Each finished trial as (selection value, real test), one panel per seed: whether the value
     the search selects on tracks the accuracy a user wants."""
@@ -293,6 +319,7 @@ def report(rows: list[dict], args, given: list[str]) -> int:
     print(f"command: python benchmarks/search_value.py {' '.join(given)}")
     print("\n".join(summarize(rows)))
     print("\n".join(trial_lines(rows)))
+    print("\n".join(trial_count_lines(rows)))
     if args.plot:
         plot(rows, args.plot)
     return 0
