@@ -247,25 +247,31 @@ def trial_count_lines(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Each finished trial as (selection value, real test), one panel per seed: whether the value
-    the search selects on tracks the accuracy a user wants."""
+    """Each finished trial, one column per seed: its real test against its selection value (does
+    what the search selects on track what a user wants?) and against its lr (where in the range
+    the good trials are)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     seeds = sorted({r["seed"] for r in rows})
-    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(seeds), figsize=(4.2 * len(seeds), 7.4), squeeze=False)
     style = {"A": ("*", "the recipe (A)", 160), "B": ("o", "random + FIFO (B)", 36),
              "C": ("x", "TPE + ASHA (C)", 44)}
-    for ax, seed in zip(axes[0], seeds):
+    for col, seed in enumerate(seeds):
         for r in (r for r in rows if r["seed"] == seed):
             marker, label, size = style[r["arm"]]
-            ax.scatter([f["select"] for f in r["finals"]], [f["real"] for f in r["finals"]],
-                       marker=marker, s=size, label=label)
-        ax.set_title(f"seed {seed}")
-        ax.set_xlabel("selection value (select_metric at the chosen alpha)")
-        ax.set_ylabel("real test (reported only)")
-        ax.grid(alpha=0.3)
+            real = [f["real"] for f in r["finals"]]
+            axes[0][col].scatter([f["select"] for f in r["finals"]], real, marker=marker, s=size, label=label)
+            axes[1][col].scatter([f.get("config", {}).get("lr", math.nan) for f in r["finals"]], real,
+                                 marker=marker, s=size, label=label)
+        axes[0][col].set_title(f"seed {seed}")
+        axes[0][col].set_xlabel("selection value (select_metric at the chosen alpha)")
+        axes[1][col].set_xlabel("lr")
+        axes[1][col].set_xscale("log")
+        for ax in axes[:, col]:
+            ax.set_ylabel("real test (reported only)")
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
