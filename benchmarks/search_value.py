@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from regft.shapes import REAL_TEST_PER_CLASS, REAL_TEST_SEED  # the task's own real test split
+
 ARMS = ("A", "B", "C")
 PAPER_RECIPE = {"lr": 1.0e-3, "vc_weight": 0.16, "vc_cov_ratio": 0.125}  # docs/method.md
 REAL = "ens_real_test_acc"  # the selected alpha's real-test accuracy of a trial (reported only)
@@ -62,8 +64,10 @@ def arm_argv(arm: str, seed: int, args, root: Path) -> list[str]:
                         ("--collapse", args.collapse)):
         if value is not None:
             argv += [flag, str(value)]
+    if args.real_test_seed is not None:
+        argv += ["--real-test", real_split(root, "test", REAL_TEST_PER_CLASS, args.real_test_seed)]
     if args.real_val_per_class:
-        argv += ["--real-val", real_val_split(root, args.real_val_per_class),
+        argv += ["--real-val", real_split(root, "val", args.real_val_per_class),
                  "--selection-metric", "real_val"]
     if arm == "A":
         return argv + ["--num-samples", "1", "--scheduler", "fifo",
@@ -73,14 +77,16 @@ def arm_argv(arm: str, seed: int, args, root: Path) -> list[str]:
     return argv + ["--num-samples", str(args.num_samples), "--scheduler", "asha", "--sampler", "tpe"]
 
 
-def real_val_split(root: Path, per_class: int) -> str:
-    """A labelled real val split of the testbed (real-domain images, none of them in the real test
-    split), written once as an ImageFolder: what a user with a few labelled images per class has."""
+def real_split(root: Path, split: str, per_class: int, seed: int = REAL_TEST_SEED) -> str:
+    """A labelled real-domain split of the testbed, written once as an ImageFolder: `val` (none of
+    its images in any test split: what a user with a few labelled images per class has), or
+    `test` at another seed than the shipped one (a held-out test split: figures chosen on the
+    shipped real test are checked on images they never saw)."""
     from regft.shapes import write_real_test
 
-    folder = root / f"real-val-{per_class}"
+    folder = root / f"real-{split}-{per_class}-seed{seed}"
     if not folder.exists():
-        write_real_test(str(folder.with_suffix(".partial")), per_class, split="val")
+        write_real_test(str(folder.with_suffix(".partial")), per_class, seed, split=split)
         folder.with_suffix(".partial").rename(folder)
     return str(folder)
 
@@ -290,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-val-per-class", type=int, default=None, metavar="K",
                    help="select on K labelled real images per class (--real-val, --selection-metric "
                         "real_val) instead of the generated val split, in every arm")
+    p.add_argument("--real-test-seed", type=int, default=None, metavar="S",
+                   help="report real test on a held-out split rendered at seed S (default: the task's own, "
+                        f"seed {REAL_TEST_SEED})")
     p.add_argument("--json", default=None, help="write every arm's numbers to this file")
     p.add_argument("--root", default=None,
                    help="keep the store and the MLflow db in this folder (default: a temporary one)")
