@@ -183,24 +183,12 @@ def summarize(rows: list[dict]) -> list[str]:
     return lines
 
 
-def ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties given their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            out[k] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rank correlation (None where either side is constant or too short)."""
-    rx, ry = ranks(x), ranks(y)
+    """Spearman's rank correlation, ties given their mean rank (None where either side is constant
+    or too short)."""
+    import pandas as pd
+
+    rx, ry = pd.Series(x).rank().tolist(), pd.Series(y).rank().tolist()
     if len(x) < 3 or len(set(rx)) < 2 or len(set(ry)) < 2:
         return None
     return statistics.correlation(rx, ry)
@@ -312,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--real-val-per-class: a positive number of images per class, got {args.real_val_per_class}")
     given = argv if argv is not None else sys.argv[1:]
     if args.from_json:
-        rows = [row for f in args.from_json for row in json.loads(Path(f).read_text(encoding="utf-8"))]
+        try:
+            rows = [row for f in args.from_json for row in json.loads(Path(f).read_text(encoding="utf-8"))]
+        except (OSError, ValueError) as e:
+            p.error(f"--from-json: {str(e)[:200]}")
         return report(rows, args, given)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
