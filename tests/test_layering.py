@@ -33,7 +33,7 @@ RINGS: dict[str, tuple[str, ...]] = {
     # ring 2: one process; files, weights and models; no Ray, no MLflow, no Optuna
     "assembly": ("config", "tasks", "hub", "models", "tiny_diffusion", "realsize", "generators", "shapes",
                  "images", "faults", "store", "realdata", "checkpoint", "export", "mlflow_store",
-                 "shared_work", "augment"),
+                 "shared_work", "augment", "ingest"),
     # ring 3: Ray Data/Train/Tune, MLflow, Optuna
     "orchestration": ("rayhook", "raylocal", "resources", "console_ray", "generate", "train", "search_space",
                       "searcher", "tracking", "trial_phases", "registry", "pyfunc_model", "search",
