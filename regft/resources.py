@@ -3,8 +3,10 @@
 Why these checks exist: Ray Train and Ray Tune wait, without an error, for resources a cluster will
 never have. A run asks for `num_workers x cpus_per_worker` CPUs (and GPUs when `use_gpu`) plus
 `DATA_CPUS` left free for its Ray Data input pipeline (without them the workers wait forever for
-batches); a search trial adds the CPU of the Tune function that drives its TorchTrainer. The trial
-check is the training check with that extra CPU and the search's flag names in its messages.
+batches), or, when each worker decodes its own share (`ingest: worker`), `loader_workers` more
+CPUs per worker for its decode processes; a search trial adds the CPU of the Tune function that
+drives its TorchTrainer. The trial check is the training check with that extra CPU and the
+search's flag names in its messages.
 
 A capacity is the dict `cluster_capacity()` returns: `cpus`/`gpus` (whole cluster),
 `node_cpus`/`node_gpus` (the largest alive node) and `nodes` (alive nodes).
@@ -27,13 +29,15 @@ class Vocabulary:
     unit: str  # what could never start: "run" or "trial"
     workers: str
     cpus_per_worker: str
+    loader_workers: str
     gpus: str
     no_gpu_fix: str
 
 
-TRAIN_WORDS = Vocabulary("run", "num_workers", "cpus_per_worker", "use_gpu",
+TRAIN_WORDS = Vocabulary("run", "num_workers", "cpus_per_worker", "loader_workers", "use_gpu",
                          "drop --use-gpu to train on CPU")
-TRIAL_WORDS = Vocabulary("trial", "--workers-per-trial", "--cpus-per-worker", "--gpus-per-trial",
+TRIAL_WORDS = Vocabulary("trial", "--workers-per-trial", "--cpus-per-worker", "--loader-workers",
+                         "--gpus-per-trial",
                          "drop the flag to train on CPU, or connect to a GPU cluster with --address")
 
 
@@ -48,9 +52,26 @@ def cluster_capacity() -> dict[str, float]:
             "node_gpus": max((float(r.get("GPU", 0)) for r in nodes), default=0.0)}
 
 
+def ray_data_cpus(cfg) -> float:
+    """CPUs a run needs free beside its workers for its Ray Data input pipeline (none when each
+    worker decodes its own share: `ingest: worker`)."""
+    return DATA_CPUS if cfg.ingest == "ray_data" else 0.0
+
+
+def worker_data_cpus(cfg) -> float:
+    """CPUs each worker holds for its own decode processes (`ingest: worker`), beside
+    cpus_per_worker for training."""
+    return float(cfg.loader_workers) if cfg.ingest == "worker" else 0.0
+
+
+def worker_cpus(cfg) -> float:
+    """CPUs one Train worker holds (Ray's resources_per_worker)."""
+    return cfg.cpus_per_worker + worker_data_cpus(cfg)
+
+
 def training_cpus(cfg) -> float:
     """CPUs one training run holds: its Train workers and the CPUs its input pipeline needs free."""
-    return cfg.num_workers * cfg.cpus_per_worker + DATA_CPUS
+    return cfg.num_workers * worker_cpus(cfg) + ray_data_cpus(cfg)
 
 
 def trial_cpus(cfg) -> float:
@@ -79,16 +100,20 @@ def check_resources(cfg, capacity: dict[str, float], words: Vocabulary = TRAIN_W
         elif gpus > capacity["gpus"]:
             p.append(f"{words.gpus}: {cfg.num_workers} worker(s) x {cfg.gpus_per_worker:g} GPU need "
                      f"{gpus:g} GPUs; the cluster has {capacity['gpus']:g} (lower {words.workers})")
-    if cfg.cpus_per_worker > capacity["node_cpus"]:
-        p.append(f"{words.cpus_per_worker} {cfg.cpus_per_worker:g}: the largest node has "
+    loaders = worker_data_cpus(cfg)
+    per_worker = f"{cfg.cpus_per_worker:g}" + (f" + {loaders:g} for its decode processes" if loaders else "")
+    if worker_cpus(cfg) > capacity["node_cpus"]:
+        p.append(f"{words.cpus_per_worker} {per_worker}: the largest node has "
                  f"{capacity['node_cpus']:g} CPUs")
     need = training_cpus(cfg) + extra_cpus
     if need > capacity["cpus"]:
+        data = f" + {ray_data_cpus(cfg):g} CPU for Ray Data" if ray_data_cpus(cfg) else ""
         driver = f" + {extra_cpus:g} for the trial's driver" if extra_cpus else ""
+        fix = f"{words.loader_workers}, " if loaders else ""
         p.append(f"{words.workers} {cfg.num_workers} x {words.cpus_per_worker} "
-                 f"{cfg.cpus_per_worker:g} + {DATA_CPUS:g} CPU for Ray Data{driver} needs {need:g} "
+                 f"{per_worker}{data}{driver} needs {need:g} "
                  f"CPUs; the cluster has {capacity['cpus']:g}: the {words.unit} could never start "
-                 f"(lower {words.workers} or {words.cpus_per_worker}, e.g. 0.5)")
+                 f"(lower {fix}{words.workers} or {words.cpus_per_worker}, e.g. 0.5)")
     return p
 
 

@@ -26,7 +26,10 @@ augmented by a Ray Data map (the PIL part of the model's `preprocess_train`) on 
 not hold, then split evenly over the workers (`get_dataset_shard`, equal shards, incomplete
 batches dropped so every rank takes the same number of steps); normalisation runs on the worker's
 device. Ray Data therefore needs CPUs of its own: `regft.resources.check_resources` asks for
-`DATA_CPUS` beyond num_workers x cpus_per_worker, otherwise Train would wait forever. Validation
+`DATA_CPUS` beyond num_workers x cpus_per_worker, otherwise Train would wait forever. With
+`ingest: worker` each worker reads the split and decodes its share itself (regft.ingest: the
+plain loop's DataLoader, `loader_workers` processes on CPUs the worker holds; the stream is a
+function of the seed and the epoch, the same at every world size and after a resume). Validation
 splits are small and read by every rank (each evaluates every world-th item; counts are summed).
 
 Checkpoints (regft.checkpoint) are plain state dicts (`model.pt`, torch.load(...,
@@ -92,6 +95,7 @@ from regft.engine import (
 from regft.ensemble import EnsembleError, alpha_grid, interpolate
 from regft.export import architecture_or_none
 from regft.generate import GenerationConfig, ensure_dataset
+from regft.ingest import RankStream
 from regft.loop import (
     AlphaChoice,
     EpochStats,
@@ -116,7 +120,7 @@ from regft.reports import (
     SplitNumbers,
     parse_result,
 )
-from regft.resources import check_resources, cluster_capacity
+from regft.resources import check_resources, cluster_capacity, worker_cpus
 from regft.search_space import MAX_ALPHAS
 from regft.shared_work import SharedWork
 from regft.store import TorchImageDataset
@@ -132,6 +136,8 @@ EVAL_CACHE_BYTES = 4 * 2**30  # per rank: decoded eval images kept in memory up 
 # the task overhead, small enough to keep a data CPU's batch of 224 px images ~10 MB)
 DECODE_BATCH_ROWS = 64
 PREFETCH_BATCHES = 2  # train batches Ray Data prepares ahead of the step that needs them
+INGESTS = ("ray_data", "worker")  # TrainConfig.ingest
+MAX_LOADER_WORKERS = 64
 DEFAULT_BLOCK_BYTES = 128 * 2**20  # the train split's object-store blocks, when Ray sets no target
 TRAIN_COLUMNS = ["image", "label"]  # what the training pipeline keeps of a stored row
 MIN_VC_BATCH = 2  # VC's variance and covariance are statistics over a worker's batch
@@ -183,6 +189,12 @@ class TrainConfig:
     # (about the dataset's size on disk) instead of re-reading parquet every epoch (~4x slower
     # per epoch on a small set, benchmarks/RESULTS.md)
     cache_train: bool = True
+    # where the train split is decoded and augmented: "ray_data" (a Ray Data map on CPUs the
+    # workers do not hold, shuffled globally and split over the workers) or "worker" (each
+    # worker reads the split and decodes its share in `loader_workers` DataLoader processes on
+    # CPUs it holds: regft.ingest; on a small machine the plain loop's speed, benchmarks/RESULTS.md)
+    ingest: str = "ray_data"
+    loader_workers: int = 1  # with ingest "worker": decode processes per worker (0: in the worker)
     # resources
     num_workers: int = 1
     use_gpu: bool = False
@@ -236,6 +248,11 @@ class TrainConfig:
             p.append(f"{n('val_fraction')}: must be in (0, 1), got {self.val_fraction}")
         if self.cpus_per_worker <= 0:
             p.append(f"{n('cpus_per_worker')}: must be > 0, got {self.cpus_per_worker}")
+        if self.ingest not in INGESTS:
+            p.append(f"{n('ingest')}: {shorten(self.ingest)} is not one of {', '.join(INGESTS)}")
+        if not 0 <= self.loader_workers <= MAX_LOADER_WORKERS:
+            p.append(f"{n('loader_workers')}: must be in 0..{MAX_LOADER_WORKERS}, got "
+                     f"{self.loader_workers}")
         if self.use_gpu and self.gpus_per_worker <= 0:
             p.append(f"{n('gpus_per_worker')}: must be > 0 with use_gpu, got {self.gpus_per_worker}")
         return p
@@ -379,6 +396,13 @@ class Worker:
     def print(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
+
+
+def evaluation_threads(cfg: TrainConfig) -> int:
+    """Torch threads of a CPU worker's evaluation after its last epoch: the CPUs it holds,
+    rounded. With `ingest: worker` those include its decode processes' CPUs, idle once training
+    has ended (the alpha and report sweeps were a smoke trial's largest cost after training)."""
+    return max(1, round(worker_cpus(cfg)))
 
 
 def setup_worker(wc: WorkerConfig) -> Worker:
@@ -577,25 +601,47 @@ def _sibling_checkpoint_state(checkpoint, epoch: int) -> StateDict | None:
     return None if folder is None else ckpt.load_weights(fs, folder)
 
 
-def shard_batches(w: Worker, shard, train_tf: SplitTransform,
-                  first_wait: list[float] | None = None) -> Iterator[Batch]:
-    """This rank's equal share (`shard`, a Ray DataIterator) of one epoch of the stream,
-    normalised on the worker's device. `first_wait` gets the seconds until the first batch."""
+EpochStream = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def train_stream(w: Worker, wc: WorkerConfig, pil) -> EpochStream:
+    """This rank's equal share of each epoch's train stream, as (uint8 images, labels) batches:
+    from Ray Data (`ingest: ray_data`, the dataset's shard for this rank) or read and decoded
+    here (`ingest: worker`, regft.ingest, with the model's own augmentation `pil`)."""
+    if w.cfg.ingest == "worker":
+        table = st.read_table(wc.dataset_path, "train", w.cfg.val_fraction, columns=TRAIN_COLUMNS)
+        return RankStream(table, pil, w.cfg.seed, steps=wc.steps_per_epoch,
+                          batch_per_rank=w.cfg.batch_size // w.world, rank=w.rank, world=w.world,
+                          loader_workers=w.cfg.loader_workers).epoch
+    shard = ray.train.get_dataset_shard("train")
+
+    def epoch_batches(_epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # the epoch is the pipeline's: it is re-seeded per execution (train_dataset)
+        for batch in shard.iter_torch_batches(batch_size=w.cfg.batch_size // w.world, drop_last=True,
+                                              prefetch_batches=PREFETCH_BATCHES):
+            yield batch["image"], batch["label"]
+    return epoch_batches
+
+
+def normalized_batches(w: Worker, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                       train_tf: SplitTransform, first_wait: list[float] | None = None) -> Iterator[Batch]:
+    """One epoch of this rank's stream, normalised on the worker's device. `first_wait` gets the
+    seconds until the first batch."""
     t0 = w.phases.clock()
-    for batch in shard.iter_torch_batches(batch_size=w.cfg.batch_size // w.world, drop_last=True,
-                                          prefetch_batches=PREFETCH_BATCHES):
+    for images, labels in batches:
         if first_wait is not None and not first_wait:
             first_wait.append(w.phases.clock() - t0)
-        yield normalize_uint8(batch["image"], train_tf.mean, train_tf.std), batch["label"]
+        yield normalize_uint8(images.to(w.device), train_tf.mean, train_tf.std), labels.to(w.device)
 
 
-def train_one_epoch(w: Worker, shard, model, optimizer, scheduler, train_tf: SplitTransform,
-                    first: bool = False) -> EpochStats:
+def train_one_epoch(w: Worker, stream: EpochStream, epoch: int, model, optimizer, scheduler,
+                    train_tf: SplitTransform, first: bool = False) -> EpochStats:
     """One epoch (phase `train`); the run's `first` epoch books its wait for the first batch as
-    `data_start` (Ray Data's pipeline starting)."""
+    `data_start` (the data pipeline starting)."""
     wait: list[float] = []
     with w.phases("train"):
-        stats = train_epoch(model, shard_batches(w, shard, train_tf, wait), optimizer, scheduler,
+        stats = train_epoch(model, normalized_batches(w, stream(epoch), train_tf, wait), optimizer,
+                            scheduler,
                             vc_weight=w.cfg.vc_weight, vc_cov_ratio=w.cfg.vc_cov_ratio,
                             grad_clip=w.cfg.grad_clip, precision=w.precision,
                             gather_fn=gather_features if w.world > 1 else None, device=w.device)
@@ -739,9 +785,10 @@ def train_fn_per_worker(config: dict) -> None:
     if isinstance(progress, FinalReport):  # the run had finished: repeat its final report
         ray.train.report(progress.to_dict())
         return
-    shard = ray.train.get_dataset_shard("train")
+    with w.phases("data_start"):
+        stream = train_stream(w, wc, zs.train_tf.pil)
     for epoch in range(progress.start_epoch + 1, w.cfg.epochs + 1):
-        stats = train_one_epoch(w, shard, model, optimizer, scheduler, zs.train_tf,
+        stats = train_one_epoch(w, stream, epoch, model, optimizer, scheduler, zs.train_tf,
                                 first=epoch == progress.start_epoch + 1)
         if stats.batches == 0:
             raise UserError(f"epoch {epoch}: no training batch (the train split has fewer than "
@@ -761,6 +808,8 @@ def train_fn_per_worker(config: dict) -> None:
             send(w, report, state_dict_cpu(model) if w.rank == 0 else None, meta_for(w, report),
                  progress.train_state(optimizer, scheduler, w.precision))
         faults.after_epoch(wc.fault, epoch, w.rank)
+    if w.device.type == "cpu":
+        torch.set_num_threads(evaluation_threads(w.cfg))
     with w.phases("alpha_sweep"):
         choice = choose_worker_alpha(w, ev, zs, progress, module)
     with w.phases("report_sweeps"):
@@ -820,8 +869,13 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
             num_to_keep=checkpoint_policy(cfg).keep_best, checkpoint_score_attribute="select_metric",
             checkpoint_score_order="max")
     train_tf, _ = clip_transforms(cfg)
-    train = train_dataset(cfg, dataset_path, train_tf)
-    resources = {"CPU": cfg.cpus_per_worker}
+    # the worker ingest's loader processes decode on CPUs the worker holds
+    resources = {"CPU": worker_cpus(cfg)}
+    if cfg.ingest == "worker":
+        data = {}
+    else:
+        train = train_dataset(cfg, dataset_path, train_tf)
+        data = {"datasets": {"train": train}, "dataset_config": train_data_config(train)}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     return TorchTrainer(
@@ -835,9 +889,8 @@ def build_trainer(cfg: TrainConfig, dataset_path: str, run_config, *, fault: dic
         torch_config=raylocal.LoopbackTorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
-        datasets={"train": train},
-        dataset_config=train_data_config(train),
         run_config=run_config,
+        **data,
     )
 
 
@@ -946,6 +999,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=finite_float, default=d.weight_decay)
     p.add_argument("--num-workers", type=int, default=d.num_workers)
     p.add_argument("--cpus-per-worker", type=finite_float, default=d.cpus_per_worker)
+    p.add_argument("--ingest", default=d.ingest, choices=INGESTS,
+                   help="where the train split is decoded: ray_data (a Ray Data map, default) or "
+                        "worker (each worker's own DataLoader processes, --loader-workers)")
+    p.add_argument("--loader-workers", type=int, default=d.loader_workers,
+                   help="with --ingest worker: decode processes per worker (0: in the worker)")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     p.add_argument("--model", default=d.model)
@@ -1002,6 +1060,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "real_test": args.real_test, "real_val": args.real_val,
         "keep_checkpoints": args.keep_checkpoints, "num_workers": args.num_workers,
         "use_gpu": args.use_gpu, "cpus_per_worker": args.cpus_per_worker, "seed": args.seed,
+        "ingest": args.ingest, "loader_workers": args.loader_workers,
         "audit_log": os.path.abspath(args.audit_log) if args.audit_log else None,
     }, where="arguments", validate=False)
     problems += cfg.validate(lambda f: flags.get(f, f))

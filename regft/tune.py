@@ -68,6 +68,11 @@ FLAGS = (
     Flag("--workers-per-trial", "train.num_workers", int, check=POSITIVE),
     Flag("--gpus-per-trial", "gpus_per_trial", float, check=NON_NEGATIVE),
     Flag("--cpus-per-worker", "train.cpus_per_worker", float, check=POSITIVE),
+    Flag("--ingest", "train.ingest", choices=("ray_data", "worker"),  # train.INGESTS
+         help="where the train split is decoded: ray_data (a Ray Data map) or worker (each "
+         "worker's own DataLoader processes, --loader-workers)"),
+    Flag("--loader-workers", "train.loader_workers", int, "with --ingest worker: decode "
+         "processes per worker (0: in the worker)", NON_NEGATIVE),
     Flag("--model", "train.model"),
     Flag("--pretrained", "train.pretrained"),
     Flag("--epochs", "train.epochs", int, check=POSITIVE),

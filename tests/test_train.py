@@ -226,6 +226,40 @@ def test_a_failed_run_resumes_from_its_latest_checkpoint(ray_local, colours, tmp
     assert meta.final and meta.alpha == result.metrics["best_alpha"]
 
 
+@pytest.mark.timeout(300)
+def test_worker_ingest_trains_and_a_resumed_run_repeats_the_uninterrupted_one(ray_local, colours,
+                                                                               tmp_path):
+    """`ingest: worker`: the worker reads the split and decodes in a forked DataLoader process;
+    its stream is a function of (seed, epoch), so a run killed after epoch 1 and resumed from
+    its checkpoint trains epoch 2 on the same batches and ends with the same numbers."""
+    from regft.train import run
+
+    cfg = TrainConfig(task="colours", classnames=colours["classnames"], model="tiny", pretrained=None,
+                      epochs=2, batch_size=16, warmup_steps=2, lr=1e-3, alpha_grid=[0.0, 0.5, 1.0],
+                      ingest="worker", loader_workers=1, cpus_per_worker=0.5, keep_checkpoints=5)
+    whole = run(cfg, colours["dataset"], storage=str(tmp_path / "runs"), name="whole").metrics
+    resumed = run(cfg, colours["dataset"], storage=str(tmp_path / "runs"), name="resumed",
+                  max_failures=1,
+                  fault={"after_epoch": 1, "marker": str(tmp_path / "failed"), "mode": "exit"}).metrics
+    assert (tmp_path / "failed").exists()  # the fault did fire
+    assert whole["final"] is True and whole["epoch"] == 2
+    for key in ("alpha_curve", "best_alpha", "select_metric", "ft_synthetic_val_acc"):
+        assert resumed[key] == whole[key], key
+
+
+def test_worker_ingest_holds_its_decode_cpus():
+    cap = {"cpus": 2.0, "gpus": 0.0, "node_cpus": 2.0}
+    worker = dict(task="t", ingest="worker", cpus_per_worker=0.5)
+    assert check_resources(TrainConfig(**worker, loader_workers=1), cap) == []  # no Ray Data CPU
+    assert check_resources(TrainConfig(**worker, num_workers=2, loader_workers=0), cap) == []
+    problem = check_resources(TrainConfig(**worker, num_workers=2, loader_workers=1), cap)[0]
+    assert "0.5 + 1 for its decode processes" in problem and "lower loader_workers" in problem
+    assert "largest node" in check_resources(TrainConfig(**worker, loader_workers=2), cap)[0]
+    problems = "\n".join(TrainConfig(task="t", ingest="workers", loader_workers=-1).validate())
+    assert "ingest: 'workers' is not one of ray_data, worker" in problems
+    assert "loader_workers: must be in 0..64, got -1" in problems
+
+
 def _stream(dataset: str, classnames: str, seed: int, epochs: int = 2) -> list[str]:
     """sha256 of each epoch's (labels, augmented pixels) as one Train worker reads them (the
     DataConfig build_trainer passes, configured for one worker)."""
