@@ -58,6 +58,8 @@ def run_one(scheduler: str, args, root: Path) -> dict:
             "--epochs", str(args.epochs), "--scheduler", scheduler, "--name", name,
             "--storage", str(root / "store"), "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}",
             "--seed", str(args.seed)]
+    if args.ingest:
+        argv += ["--ingest", args.ingest]
     t0 = time.time()
     rc = main(argv)
     wall = time.time() - t0
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedulers", default="fifo,asha",
                    help="comma-separated, run in this order (the first also makes the dataset)")
+    p.add_argument("--ingest", choices=("ray_data", "worker"),
+                   help="the trials' train-split ingest (default: the preset's)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

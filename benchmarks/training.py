@@ -11,7 +11,9 @@ same epoch (regft.loop.train_epoch over regft.engine.train_step: CE + VC, AdamW,
 Ray worker runs it too), same global batch. Each side gets
 the same CPUs: the plain loop decodes/augments in one DataLoader worker process and trains with
 one torch thread; the Ray loop trains in one worker (1 CPU, one thread) while Ray Data
-decodes/augments on the remaining CPU. The 2-worker run gives each worker 0.5 CPU (the machine
+decodes/augments on the remaining CPU; `ray1-worker` is regft.train with `ingest: worker` (the
+worker decodes in one DataLoader process on a second CPU it holds, as the plain loop does). The
+2-worker run gives each worker 0.5 CPU (the machine
 has 2 cores), so it measures DDP + gather overhead on shared cores, not scaling.
 
 Figure of merit: training images/s of an epoch (the `images_per_s` the loop reports: from the
@@ -66,7 +68,10 @@ RUNS = {"plain": "plain loop (1 process)", "ray1": "Ray Train, 1 worker",
         "ray2": "Ray Train, 2 workers (0.5 CPU each)",
         # the plain loop's own epochs (its DataLoader included) inside one Ray Train worker: what
         # Ray Train costs by itself, apart from the Ray Data ingest regft.train uses
-        "ray1-loader": "Ray Train, 1 worker, the plain loop's DataLoader"}  # --runs name -> label
+        "ray1-loader": "Ray Train, 1 worker, the plain loop's DataLoader",
+        # regft.train with `ingest: worker` (regft.ingest): the worker reads the split and decodes
+        # in one DataLoader process on a second CPU it holds, as the plain loop does
+        "ray1-worker": "Ray Train, 1 worker, ingest: worker"}  # --runs name -> label
 
 
 def plain_loop(cfg, dataset_path: str) -> list[float]:
@@ -173,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in args.runs.split(",") if r not in RUNS]
     if unknown:
         p.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-    wanted = ["plain", "ray1"] + [r for r in args.runs.split(",") if r in ("ray2", "ray1-loader")]
+    wanted = ["plain", "ray1"] + [r for r in args.runs.split(",")
+                                  if r in ("ray2", "ray1-loader", "ray1-worker")]
 
     import ray
     import torch
@@ -194,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dataset: {args.images} images ({args.image_size} px PNG) in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-        def cfg(workers: int, cpus: float) -> TrainConfig:
+        def cfg(workers: int, cpus: float, ingest: str = "ray_data") -> TrainConfig:
             return TrainConfig(task="bench", classnames=str(names_file), model=args.model,
                                pretrained=args.pretrained, epochs=args.epochs,
                                batch_size=args.batch_size, lr=1e-4, warmup_steps=10,
                                alpha_grid=[0.0, 1.0], num_workers=workers, cpus_per_worker=cpus,
-                               use_gpu=gpu, precision=args.precision)
+                               use_gpu=gpu, precision=args.precision, ingest=ingest, loader_workers=1)
 
         loops = {
             RUNS["plain"]: lambda r: plain_loop(cfg(1, 1.0), dataset),
@@ -207,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             RUNS["ray2"]: lambda r: ray_loop(cfg(2, 0.5), dataset, f"{tmp}/runs", f"w2-{r}"),
             RUNS["ray1-loader"]: lambda r: ray_loader_loop(cfg(1, 1.0), dataset, f"{tmp}/runs",
                                                            f"loader-{r}"),
+            RUNS["ray1-worker"]: lambda r: ray_loop(cfg(1, 1.0, "worker"), dataset, f"{tmp}/runs",
+                                                    f"worker-{r}"),
         }
         loops = {RUNS[k]: loops[RUNS[k]] for k in wanted}
         results: dict[str, list[list[float]]] = {name: [] for name in loops}
