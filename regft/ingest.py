@@ -25,8 +25,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from regft import store as st
 from regft.engine import to_uint8
+from regft.errors import UserError
 from regft.images import decode_image
+
+# the share of a node's available memory that its workers' copies of the train split may take:
+# the rest is for the model, its activations and the decode processes' working memory
+SPLIT_MEMORY_SHARE = 0.7
+GB = 1e9
 
 # the streams' seed domains, so that the permutation and the augmentations never share a seed
 PERMUTATION_STREAM = 0
@@ -38,6 +45,51 @@ def _seed(*words: int) -> int:
     an unrelated seed)."""
     high, low = np.random.SeedSequence([int(w) for w in words]).generate_state(2, np.uint32)
     return ((int(high) << 32) | int(low)) & ((1 << 63) - 1)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process's node (or container) can still give now: the kernel's MemAvailable,
+    capped by the cgroup v2 limit's headroom; None where neither can be read (not Linux)."""
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return None
+    found = []
+    meminfo = read("/proc/meminfo") or ""
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            found.append(int(line.split()[1]) * 1024)
+    limit, used = read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/memory.current")
+    if limit and used and limit.strip().isdigit() and used.strip().isdigit():
+        found.append(max(0, int(limit) - int(used)))
+    return min(found) if found else None
+
+
+def split_memory_problem(split_bytes: float, workers_on_node: int, available: int | None) -> str | None:
+    """Why the worker ingest cannot hold the train split here, or None: each worker keeps the
+    whole split's encoded images in memory (`workers_on_node` copies on this node)."""
+    need = split_bytes * workers_on_node
+    if available is None or need <= SPLIT_MEMORY_SHARE * available:
+        return None
+    copies = f"{workers_on_node} workers x " if workers_on_node > 1 else ""
+    return (f"ingest worker: {copies}the train split ({split_bytes / GB:.1f} GB) in memory needs "
+            f"{need / GB:.1f} GB; this node has {available / GB:.1f} GB available "
+            f"({SPLIT_MEMORY_SHARE:.0%} of it may hold the split): use --ingest ray_data (the "
+            f"split streams through Ray's object store) or fewer workers per node")
+
+
+def read_train_split(dataset_path: str, val_fraction: float, columns: list[str], *,
+                     workers_on_node: int, available: int | None) -> pa.Table:
+    """The train split's `columns` as one table, for a worker to hold; refused (UserError) before
+    anything is read when `workers_on_node` copies would not fit in `available` bytes (an
+    out-of-memory kill would say nothing of the cause)."""
+    split_bytes = st.split_disk_bytes(dataset_path, "train", val_fraction)
+    problem = split_memory_problem(split_bytes, workers_on_node, available)
+    if problem:
+        raise UserError(problem)
+    return st.read_table(dataset_path, "train", val_fraction, columns=columns)
 
 
 def epoch_order(n_rows: int, seed: int, epoch: int) -> torch.Tensor:

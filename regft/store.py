@@ -545,6 +545,15 @@ def split_shards(dataset_path: str, split: str, val_fraction: float) -> tuple[pa
     return shard_paths(dataset_path, _complete_manifest(dataset_path))
 
 
+def split_disk_bytes(dataset_path: str, split: str, val_fraction: float) -> float:
+    """About the bytes `split`'s rows take on disk: the shards' sizes x the split's share of the
+    items (a split is a hash of the item id, so every shard holds about that share)."""
+    fs, paths = split_shards(dataset_path, split, val_fraction)
+    total = sum(info.size or 0 for info in fs.get_file_info(paths))
+    share = {"all": 1.0, "train": 1.0 - val_fraction, "val": val_fraction}[split]
+    return total * share
+
+
 def read_table(dataset_path: str, split: str = "all", val_fraction: float = 0.1,
                columns: list[str] | None = None) -> pa.Table:
     """All rows of a complete dataset in `split` as one Arrow table, in item_id order."""

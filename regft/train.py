@@ -95,7 +95,7 @@ from regft.engine import (
 from regft.ensemble import EnsembleError, alpha_grid, interpolate
 from regft.export import architecture_or_none
 from regft.generate import GenerationConfig, ensure_dataset
-from regft.ingest import RankStream
+from regft.ingest import RankStream, available_memory_bytes, read_train_split
 from regft.loop import (
     AlphaChoice,
     EpochStats,
@@ -609,7 +609,9 @@ def train_stream(w: Worker, wc: WorkerConfig, pil) -> EpochStream:
     from Ray Data (`ingest: ray_data`, the dataset's shard for this rank) or read and decoded
     here (`ingest: worker`, regft.ingest, with the model's own augmentation `pil`)."""
     if w.cfg.ingest == "worker":
-        table = st.read_table(wc.dataset_path, "train", w.cfg.val_fraction, columns=TRAIN_COLUMNS)
+        table = read_train_split(wc.dataset_path, w.cfg.val_fraction, TRAIN_COLUMNS,
+                                 workers_on_node=ray.train.get_context().get_local_world_size(),
+                                 available=available_memory_bytes())
         return RankStream(table, pil, w.cfg.seed, steps=wc.steps_per_epoch,
                           batch_per_rank=w.cfg.batch_size // w.world, rank=w.rank, world=w.world,
                           loader_workers=w.cfg.loader_workers).epoch

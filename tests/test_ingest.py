@@ -5,8 +5,17 @@ import pytest
 import torch
 from torchvision import transforms
 
+from regft import store as st
+from regft.errors import UserError
 from regft.images import encode_png
-from regft.ingest import RankStream, rank_steps
+from regft.ingest import (
+    SPLIT_MEMORY_SHARE,
+    RankStream,
+    available_memory_bytes,
+    rank_steps,
+    read_train_split,
+    split_memory_problem,
+)
 
 
 def table(n: int = 24, size: int = 20) -> pa.Table:
@@ -78,3 +87,36 @@ def test_decoding_in_the_training_process_leaves_its_generator_alone():
     for _ in stream.epoch(1):
         pass
     assert torch.equal(torch.rand(4), expected)
+
+
+# ------------------------------------------------------------- memory guard ----
+def written_split(tmp_path, n: int = 40) -> str:
+    rng = np.random.default_rng(1)
+    rows = [(f"{i % 4:04d}-{i:05d}", i % 4, f"c{i % 4}", f"a c{i % 4}", i,
+             encode_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))) for i in range(n)]
+    return st.write_dataset(str(tmp_path / "ds"), rows, "t", [f"c{k}" for k in range(4)], 32)
+
+
+def test_the_split_is_read_when_its_copies_fit_and_refused_before_reading_when_not(tmp_path):
+    dataset = written_split(tmp_path)
+    split_bytes = st.split_disk_bytes(dataset, "train", 0.25)
+    image_bytes = st.read_table(dataset, "train", 0.25, ["image"]).column("image").nbytes
+    assert 0.5 * image_bytes < split_bytes < 2 * image_bytes  # the estimate is the split's size
+    room = int(3 * split_bytes / SPLIT_MEMORY_SHARE) + 1
+    table = read_train_split(dataset, 0.25, ["image", "label"], workers_on_node=3, available=room)
+    assert table.num_rows == st.split_counts(dataset, 0.25)["train"]
+    assert read_train_split(dataset, 0.25, ["label"], workers_on_node=8, available=None).num_rows
+    with pytest.raises(UserError) as e:  # a fourth copy does not fit
+        read_train_split(dataset, 0.25, ["image"], workers_on_node=4, available=room)
+    message = str(e.value)
+    assert "4 workers x the train split" in message and "--ingest ray_data" in message
+    assert len(message) < 300
+
+
+def test_the_memory_guard_names_one_worker_plainly_and_reads_this_machine():
+    problem = split_memory_problem(8e9, 1, int(10e9))
+    assert problem.startswith("ingest worker: the train split (8.0 GB) in memory needs 8.0 GB; "
+                              "this node has 10.0 GB available")
+    assert split_memory_problem(7e9, 1, int(10e9)) is None
+    available = available_memory_bytes()
+    assert available is None or available > 0
