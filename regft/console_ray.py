@@ -35,6 +35,9 @@ from ray.util.queue import Empty, Queue
 # that is 10 tables of ~10 lines for 2 trials, more lines than all the epochs; the epoch lines
 # already say how each trial goes, the table is the overview.
 STATUS_INTERVAL_S = 120
+# a failed trial's line shows its exception's message up to this many characters (the error
+# file it names holds the whole traceback)
+ERROR_LINE_CHARS = 240
 # the metric columns of the status table (Tune would pick the first four it finds)
 TABLE_METRICS = ["epoch", "train_loss", "select_metric"]
 # How long the driver waits on the epoch-line queue before checking whether the run ended.
@@ -115,10 +118,25 @@ class TrialLines(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info):
         epoch = (trial.last_result or {}).get("epoch")
         after = f" after epoch {epoch}" if epoch is not None else ""
-        print(f"trial {trial.trial_id}  failed{after}: see {trial.error_file}", flush=True)
+        print(f"trial {trial.trial_id}  failed{after}: {error_line(trial.error_file)}"
+              f"traceback: {trial.error_file}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info):
         print(f"trial {trial.trial_id}  failed, retrying: see {trial.error_file}", flush=True)
+
+
+def error_line(path: str | None, limit: int = ERROR_LINE_CHARS) -> str:
+    """The exception line that ends a trial's error file (Tune writes its traceback there), cut
+    to `limit` characters, then "; "; empty when there is none to read."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return ""
+    if not lines:
+        return ""
+    line = lines[-1] if len(lines[-1]) <= limit else lines[-1][:limit] + "…"
+    return f"{line}; "
 
 
 def _short(value: Any) -> str:

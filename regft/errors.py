@@ -46,3 +46,26 @@ class ExportError(RegftError, ValueError):
 
 class DatasetNotReady(RegftError, ValueError):
     """The dataset path has no manifest, or its generation has not finished (regft.store)."""
+
+
+def user_error_in(error: BaseException) -> RegftError | None:
+    """The user-facing error behind `error`, or None: the error itself, or the first one found
+    inside what Ray wraps around a remote failure (a Train worker group's `worker_failures` by
+    rank, a controller's `controller_failure`, a task's `cause`, or a chained `__cause__`), so a
+    user error raised in a Train worker reaches the user as one line, not a worker traceback.
+    Duck-typed: this ring imports nothing of Ray."""
+    pending, seen = [error], set()
+    while pending:
+        e = pending.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RegftError):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            pending += [failures[rank] for rank in sorted(failures, key=str)]
+        for inner in (getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__):
+            if isinstance(inner, BaseException):
+                pending.append(inner)
+    return None

@@ -73,11 +73,10 @@ def split_memory_problem(split_bytes: float, workers_on_node: int, available: in
     need = split_bytes * workers_on_node
     if available is None or need <= SPLIT_MEMORY_SHARE * available:
         return None
-    copies = f"{workers_on_node} workers x " if workers_on_node > 1 else ""
-    return (f"ingest worker: {copies}the train split ({split_bytes / GB:.1f} GB) in memory needs "
-            f"{need / GB:.1f} GB; this node has {available / GB:.1f} GB available "
-            f"({SPLIT_MEMORY_SHARE:.0%} of it may hold the split): use --ingest ray_data (the "
-            f"split streams through Ray's object store) or fewer workers per node")
+    copies = f" x {workers_on_node} workers" if workers_on_node > 1 else ""
+    return (f"ingest worker: the train split in memory ({split_bytes / GB:.1f} GB{copies}) would "
+            f"pass {SPLIT_MEMORY_SHARE:.0%} of the {available / GB:.1f} GB this node has "
+            f"available: use --ingest ray_data (it streams the split) or fewer workers per node")
 
 
 def read_train_split(dataset_path: str, val_fraction: float, columns: list[str], *,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ from regft import console, raylocal, store
 from regft.cli import redact, shorten
 from regft.config import from_dict
 from regft.console_ray import TrialLines, ray_logs_dir
-from regft.errors import UserError
+from regft.errors import UserError, user_error_in
 from regft.generate import GenerationConfig, check_request, generate_dataset, request_size_problems
 from regft.mlflow_store import (
     SEARCH_TAG,
@@ -643,7 +644,13 @@ def trial_fn(config: dict, base: dict, datasets: dict[str, str], train_storage: 
         callbacks=[TuneReportCallback()],
         failure_config=ray.train.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
     )
-    build_trainer(cfg, dataset_path, run_config, started=started, shared=shared).fit()
+    try:
+        build_trainer(cfg, dataset_path, run_config, started=started, shared=shared).fit()
+    except Exception as e:  # a worker's user error: the trial's error is its one line
+        user = user_error_in(e)
+        if user is None:
+            raise
+        raise user from None
 
 
 def prepare_shared_work(layout: SearchLayout) -> str:
@@ -705,6 +712,9 @@ def console_callbacks(plan: SearchPlan) -> list:
     s = plan.settings
     if s.verbose:
         return []
+    # a failed trial's line (TrialLines) names its error and its error file; Tune's own print of
+    # the whole traceback (read by tuner.fit) would bury the console
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     return [TrialLines(epochs=plan.trial.epochs,
                        stopper="ASHA" if s.scheduler == "asha" else "the scheduler")]
 
@@ -739,8 +749,10 @@ class TrialOutcome:
     def from_result(cls, r) -> TrialOutcome:
         """From a Tune `Result` (its metrics are the trial's last result)."""
         metrics = r.metrics or {}
-        return cls(trial_id=metrics["trial_id"] if metrics else None, config=dict(r.config or {}),
-                   report=parse_result(metrics, "trial result") if metrics else None,
+        # every report carries its epoch; a trial that failed before its first report has only
+        # Tune's bookkeeping keys
+        return cls(trial_id=metrics.get("trial_id"), config=dict(r.config or {}),
+                   report=parse_result(metrics, "trial result") if "epoch" in metrics else None,
                    error=str(r.error).splitlines()[0] if r.error else "")
 
     def row(self) -> dict[str, Any]:

@@ -55,3 +55,34 @@ def test_a_plain_value_error_inside_a_main_shows_its_traceback():
     assert out.returncode not in (0, EXIT_USAGE), out
     assert "Traceback" in out.stderr and "ValueError: shape mismatch deep in a library" in out.stderr
     assert not out.stderr.startswith("error: ")
+
+
+class _WorkerGroupError(Exception):  # the shape of ray.train.WorkerGroupError
+    def __init__(self, failures):
+        super().__init__("Training failed due to worker errors")
+        self.worker_failures = failures
+
+
+class _TaskError(Exception):  # the shape of ray.exceptions.RayTaskError
+    def __init__(self, cause):
+        super().__init__("ray::train()")
+        self.cause = cause
+
+
+def test_a_user_error_raised_inside_ray_wrappers_is_found_first_rank_first():
+    user, other = errors.UserError("ingest worker: use --ingest ray_data"), RuntimeError("oom")
+    assert errors.user_error_in(user) is user
+    wrapped = _WorkerGroupError({1: _TaskError(errors.UserError("rank 1")), 0: _TaskError(user)})
+    assert errors.user_error_in(wrapped) is user
+    assert errors.user_error_in(_WorkerGroupError({0: _TaskError(other), 1: user})) is user
+    try:
+        try:
+            raise user
+        except errors.UserError as e:
+            raise RuntimeError("trial failed") from e
+    except RuntimeError as chained:
+        assert errors.user_error_in(chained) is user
+    loop = _TaskError(None)
+    loop.cause = loop  # a cycle ends the walk
+    assert errors.user_error_in(loop) is None
+    assert errors.user_error_in(_WorkerGroupError({0: other})) is None  # a bug stays a bug

@@ -113,3 +113,20 @@ def test_checkpoint_meta_round_trips_and_checks_its_kind():
         CheckpointMeta.from_dict({**final_meta, "metrics": EPOCH})
     with pytest.raises(ReportError, match="unknown key 'best'"):
         CheckpointMeta.from_dict({**epoch_meta, "best": 1})
+
+
+def test_a_trial_that_failed_before_its_first_report_is_an_outcome_without_report():
+    """Tune fills a failed trial's metrics with its bookkeeping keys only: no report to parse
+    (the search used to stop on it with a ReportError)."""
+    from types import SimpleNamespace
+
+    from regft.search import TrialOutcome  # imports Ray (no cluster)
+
+    metrics = {"trial_id": "ab12", "date": "2026-12-06", "done": False, "training_iteration": 0,
+               "hostname": "h", "node_ip": "127.0.0.1", "pid": 1, "timestamp": 0}
+    failed = SimpleNamespace(metrics=metrics, config={"lr": 1e-3},
+                             error=RuntimeError("ingest worker: use --ingest ray_data\ndetail"))
+    outcome = TrialOutcome.from_result(failed)
+    assert (outcome.trial_id, outcome.report, outcome.final) == ("ab12", None, False)
+    assert outcome.error == "ingest worker: use --ingest ray_data"
+    assert TrialOutcome.from_result(SimpleNamespace(metrics=None, config=None, error=None)).report is None
