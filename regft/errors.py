@@ -10,6 +10,9 @@ The modules that raise them import them from here (`regft.tasks.TaskError`,
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class RegftError(Exception):
     """Base of every user-facing error."""
@@ -69,3 +72,16 @@ def user_error_in(error: BaseException) -> RegftError | None:
             if isinstance(inner, BaseException):
                 pending.append(inner)
     return None
+
+
+@contextlib.contextmanager
+def unwrapped_user_errors() -> Iterator[None]:
+    """Re-raise a user error found inside an exception of the block (`user_error_in`) as itself,
+    one line for the user; anything else propagates unchanged."""
+    try:
+        yield
+    except Exception as e:
+        user = user_error_in(e)
+        if user is None:
+            raise
+        raise user from None

@@ -43,7 +43,7 @@ from regft import console, raylocal, store
 from regft.cli import redact, shorten
 from regft.config import from_dict
 from regft.console_ray import TrialLines, ray_logs_dir
-from regft.errors import UserError, user_error_in
+from regft.errors import UserError, unwrapped_user_errors
 from regft.generate import GenerationConfig, check_request, generate_dataset, request_size_problems
 from regft.mlflow_store import (
     SEARCH_TAG,
@@ -644,13 +644,8 @@ def trial_fn(config: dict, base: dict, datasets: dict[str, str], train_storage: 
         callbacks=[TuneReportCallback()],
         failure_config=ray.train.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
     )
-    try:
+    with unwrapped_user_errors():  # a worker's user error: the trial's error is its one line
         build_trainer(cfg, dataset_path, run_config, started=started, shared=shared).fit()
-    except Exception as e:  # a worker's user error: the trial's error is its one line
-        user = user_error_in(e)
-        if user is None:
-            raise
-        raise user from None
 
 
 def prepare_shared_work(layout: SearchLayout) -> str:

@@ -93,7 +93,7 @@ from regft.engine import (
     state_dict_cpu,
 )
 from regft.ensemble import EnsembleError, alpha_grid, interpolate
-from regft.errors import user_error_in
+from regft.errors import unwrapped_user_errors, user_error_in
 from regft.export import architecture_or_none
 from regft.generate import GenerationConfig, ensure_dataset
 from regft.ingest import RankStream, available_memory_bytes, read_train_split
@@ -933,13 +933,8 @@ def run(cfg: TrainConfig, dataset_path: str, storage: str | None = None, name: s
     run_config = ray.train.RunConfig(name=name or run_name(cfg, dataset_path), storage_path=storage,
                                      failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                      callbacks=callbacks)
-    try:
+    with unwrapped_user_errors():  # a user error a worker raised is the user's: one line, exit 2
         result = build_trainer(cfg, dataset_path, run_config, fault=fault).fit()
-    except Exception as e:  # a user error a worker raised is the user's: one line, exit 2
-        user = user_error_in(e)
-        if user is None:
-            raise
-        raise user from None
     if result.error:
         raise user_error_in(result.error) or result.error
     last = result.checkpoint

@@ -86,3 +86,12 @@ def test_a_user_error_raised_inside_ray_wrappers_is_found_first_rank_first():
     loop.cause = loop  # a cycle ends the walk
     assert errors.user_error_in(loop) is None
     assert errors.user_error_in(_WorkerGroupError({0: other})) is None  # a bug stays a bug
+
+
+def test_a_block_raises_the_user_error_it_wraps_and_leaves_bugs_alone():
+    user = errors.UserError("bad --ingest")
+    with pytest.raises(errors.UserError) as e, errors.unwrapped_user_errors():
+        raise _WorkerGroupError({0: _TaskError(user)})
+    assert e.value is user
+    with pytest.raises(_WorkerGroupError), errors.unwrapped_user_errors():
+        raise _WorkerGroupError({0: RuntimeError("bug")})
