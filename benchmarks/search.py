@@ -15,6 +15,9 @@ checkpoints, teardown), read back from the trial's MLflow run (`phase/<name>_s`)
 a markdown table per trial. The 13-epoch shapes smoke trial's breakdown:
 
     python benchmarks/search.py --task shapes --num-samples 1 --epochs 13 --schedulers fifo
+
+`--phases-of ROOT NAME` prints the same tables for a search run by any command with
+`--tracking-uri sqlite:///ROOT/mlflow.db --name NAME` (the real-size job: benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -112,7 +115,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated, run in this order (the first also makes the dataset)")
     p.add_argument("--ingest", choices=("ray_data", "worker"),
                    help="the trials' train-split ingest (default: the preset's)")
+    p.add_argument("--phases-of", nargs=2, metavar=("ROOT", "NAME"),
+                   help="only print the phase tables of search NAME already run with --tracking-uri "
+                        "sqlite:///ROOT/mlflow.db (e.g. the real-size job), then exit")
     args = p.parse_args(argv)
+    if args.phases_of:
+        root, name = args.phases_of
+        if not (Path(root) / "mlflow.db").is_file():
+            p.error(f"--phases-of: {root}/mlflow.db does not exist")
+        print_phases([{"scheduler": name, "phases": trial_phases(Path(root), name)}])
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with tempfile.TemporaryDirectory() as tmp:

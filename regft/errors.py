@@ -64,7 +64,10 @@ def user_error_in(error: BaseException) -> RegftError | None:
             continue
         seen.add(id(e))
         if isinstance(e, RegftError):
-            return e
+            # Ray's RayTaskError(UserError) is an instance of the user's class whose text is the
+            # remote traceback: the original it carries as `cause` is the one line to show
+            inner = getattr(e, "cause", None)
+            return inner if isinstance(inner, RegftError) else e
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):
             pending += [failures[rank] for rank in sorted(failures, key=str)]

@@ -43,7 +43,7 @@ from regft import console, raylocal, store
 from regft.cli import redact, shorten
 from regft.config import from_dict
 from regft.console_ray import TrialLines, ray_logs_dir
-from regft.errors import UserError, unwrapped_user_errors
+from regft.errors import UserError, unwrapped_user_errors, user_error_in
 from regft.generate import GenerationConfig, check_request, generate_dataset, request_size_problems
 from regft.mlflow_store import (
     SEARCH_TAG,
@@ -86,6 +86,7 @@ RANDOM_WEIGHTS_NOTE = ("weights: RANDOM (--weights random): real architectures, 
                        "weights; times and sizes are real, images and accuracies are noise")
 SELECT = "select_metric"  # the report key Tune's scheduler and Optuna maximise
 TRIAL_MAX_FAILURES = 2  # a trial's Train run restarts from its last checkpoint this often
+ERROR_CHARS = 300  # a trial error quoted in the search's last line is cut here (results.csv has it all)
 SECTIONS = ("train", "generation")
 
 
@@ -723,6 +724,15 @@ def search_log(layout: SearchLayout) -> Path:
 
 # ---------------------------------------------------------------- 7. the results --
 
+def error_line(error: BaseException) -> str:
+    """A failed trial's error as one line: a user error's own message (not the remote traceback
+    Ray wraps it in), else the exception line that ends the error's text."""
+    user = user_error_in(error)
+    if user is not None:
+        return "; ".join(getattr(user, "problems", None) or str(user).splitlines())
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
 @dataclass(frozen=True)
 class TrialOutcome:
     """One trial as the search ended it: its sampled config and its last report (typed)."""
@@ -748,7 +758,7 @@ class TrialOutcome:
         # Tune's bookkeeping keys
         return cls(trial_id=metrics.get("trial_id"), config=dict(r.config or {}),
                    report=parse_result(metrics, "trial result") if "epoch" in metrics else None,
-                   error=str(r.error).splitlines()[0] if r.error else "")
+                   error=error_line(r.error) if r.error else "")
 
     def row(self) -> dict[str, Any]:
         """The trial as one results.csv row: config values as `config/<name>`, then the report."""
@@ -828,10 +838,16 @@ def end_parent_run(parent: ParentRun, error: BaseException) -> None:
               file=sys.stderr)
 
 
-def fail_search(layout: SearchLayout, parent: ParentRun) -> int:
+def fail_search(layout: SearchLayout, parent: ParentRun, outcome: SearchOutcome) -> int:
     parent.client.set_tag(parent.run_id, "regft.outcome", "no trial finished")
     parent.client.set_terminated(parent.run_id, status="FAILED")
-    print(f"error: no trial of search {layout.name} finished; see {layout.experiment_path}",
+    errors = list(dict.fromkeys(t.error for t in outcome.trials if t.error))  # distinct, in order
+    why = ""
+    if errors:
+        more = f" (and {len(errors) - 1} other error(s))" if len(errors) > 1 else ""
+        first = errors[0] if len(errors[0]) <= ERROR_CHARS else errors[0][:ERROR_CHARS] + "…"
+        why = f"; trial error: {first}{more}"
+    print(f"error: no trial of search {layout.name} finished{why}; see {layout.experiment_path}",
           file=sys.stderr)
     return 1
 
@@ -985,6 +1001,6 @@ def run_search(s: SearchSettings, flag_problems: list[str] = ()) -> int:
         raise
     outcome = collect_results(results, plan, layout, parent)            # 7
     if outcome.best is None:
-        return fail_search(layout, parent)
+        return fail_search(layout, parent, outcome)
     print(deliver(plan, layout, parent, outcome, results, datasets))  # 8
     return 0

@@ -82,6 +82,11 @@ def test_a_user_error_raised_inside_ray_wrappers_is_found_first_rank_first():
             raise RuntimeError("trial failed") from e
     except RuntimeError as chained:
         assert errors.user_error_in(chained) is user
+    class _TaskUserError(errors.UserError):  # the shape of RayTaskError(UserError)
+        def __init__(self, cause):
+            super().__init__("ray::f() (pid=1)\n  File ...\nregft.errors.UserError: ...")
+            self.cause = cause
+    assert errors.user_error_in(_TaskUserError(user)) is user  # the one line, not the traceback
     loop = _TaskError(None)
     loop.cause = loop  # a cycle ends the walk
     assert errors.user_error_in(loop) is None

@@ -125,8 +125,24 @@ def test_a_trial_that_failed_before_its_first_report_is_an_outcome_without_repor
     metrics = {"trial_id": "ab12", "date": "2026-12-06", "done": False, "training_iteration": 0,
                "hostname": "h", "node_ip": "127.0.0.1", "pid": 1, "timestamp": 0}
     failed = SimpleNamespace(metrics=metrics, config={"lr": 1e-3},
-                             error=RuntimeError("ingest worker: use --ingest ray_data\ndetail"))
+                             error=RuntimeError("ray::ImplicitFunc.train()\n  File x.py\nOSError: gone"))
     outcome = TrialOutcome.from_result(failed)
     assert (outcome.trial_id, outcome.report, outcome.final) == ("ab12", None, False)
-    assert outcome.error == "ingest worker: use --ingest ray_data"
+    assert outcome.error == "OSError: gone"
     assert TrialOutcome.from_result(SimpleNamespace(metrics=None, config=None, error=None)).report is None
+
+
+def test_a_trial_error_is_one_line_and_a_user_error_its_own_message():
+    from regft.errors import UserError
+    from regft.search import error_line  # imports Ray (no cluster)
+
+    class TaskUserError(UserError):  # the shape of Ray's RayTaskError(UserError)
+        def __init__(self, cause):
+            super().__init__("ray::ImplicitFunc.train() (pid=1)\n  File x.py\nUserError: ...")
+            self.cause = cause
+
+    assert error_line(TaskUserError(UserError("ingest worker: use --ingest ray_data"))) == \
+        "ingest worker: use --ingest ray_data"
+    assert error_line(UserError(["--a: bad", "--b: bad"])) == "--a: bad; --b: bad"
+    remote = RuntimeError("ray::ImplicitFunc.train() (pid=1)\n  File x.py, line 3\nValueError: nan\n")
+    assert error_line(remote) == "ValueError: nan"
