@@ -51,7 +51,7 @@ def epoch_line(result: dict[str, Any], epochs: int | None, trial: str | None = N
     of = f"/{epochs}" if epochs else ""
     width = len(str(epochs)) if epochs else 1
     line = (f"epoch {result['epoch']:>{width}}{of}  loss {result['train_loss']:.4f}"
-            f"  select {result['select_metric']:.4f}  {result['images_per_s']:.0f} img/s")
+            f"  select {result['select_metric']:.4f}  {_rate(result['images_per_s'])} img/s")
     if again:
         line += "  (again: the run restarted from an earlier checkpoint)"
     return f"trial {trial}  {line}" if trial else line
@@ -137,6 +137,12 @@ def error_line(path: str | None, limit: int = ERROR_LINE_CHARS) -> str:
         return ""
     line = lines[-1] if len(lines[-1]) <= limit else lines[-1][:limit] + "…"
     return f"{line}; "
+
+
+def _rate(per_s: float) -> str:
+    """Images/s to read at a glance: whole numbers, two digits below 10 (a real-size CPU epoch
+    of one step runs at under one image/s, which would print as 0)."""
+    return f"{per_s:.0f}" if not per_s < 10 else f"{per_s:.2g}"
 
 
 def _short(value: Any) -> str:

@@ -210,6 +210,8 @@ def test_epoch_and_end_lines():
     assert epoch_line(epoch, 13, "75e447d1") == \
         "trial 75e447d1  epoch  3/13  loss 0.1726  select 0.9542  347 img/s"
     assert epoch_line(epoch, 13) == "epoch  3/13  loss 0.1726  select 0.9542  347 img/s"
+    slow = {**epoch, "images_per_s": 0.412}  # a real-size CPU epoch of one step
+    assert epoch_line(slow, 1).endswith("select 0.9542  0.41 img/s")
     final = {"final": True, "select_metric": 0.96732, "best_alpha": 0.7, "best_epoch": 13}
     assert end_line("75e447d1", final, 13, "ASHA") == \
         "trial 75e447d1  finished: select 0.9673 (alpha 0.70, best epoch 13/13)"
