@@ -118,25 +118,33 @@ class TrialLines(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info):
         epoch = (trial.last_result or {}).get("epoch")
         after = f" after epoch {epoch}" if epoch is not None else ""
-        print(f"trial {trial.trial_id}  failed{after}: {error_line(trial.error_file)}"
+        print(f"trial {trial.trial_id}  failed{after}: {error_file_line(trial.error_file)}"
               f"traceback: {trial.error_file}", flush=True)
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info):
         print(f"trial {trial.trial_id}  failed, retrying: see {trial.error_file}", flush=True)
 
 
-def error_line(path: str | None, limit: int = ERROR_LINE_CHARS) -> str:
-    """The exception line that ends a trial's error file (Tune writes its traceback there), cut
-    to `limit` characters, then "; "; empty when there is none to read."""
+def last_line(text: str) -> str:
+    """The last non-blank line of `text`, stripped: the exception line that ends a traceback."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def cut(text: str, limit: int = ERROR_LINE_CHARS) -> str:
+    """`text` up to `limit` characters, "…" marking a cut."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def error_file_line(path: str | None) -> str:
+    """The exception line that ends a trial's error file (Tune writes its traceback there), cut,
+    then "; "; empty when there is none to read."""
     try:
         with open(path, errors="replace") as f:
-            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+            line = last_line(f.read())
     except (OSError, TypeError):
         return ""
-    if not lines:
-        return ""
-    line = lines[-1] if len(lines[-1]) <= limit else lines[-1][:limit] + "…"
-    return f"{line}; "
+    return f"{cut(line)}; " if line else ""
 
 
 def _rate(per_s: float) -> str:

@@ -147,7 +147,7 @@ class AugmentedRows(torch.utils.data.Dataset):
         epoch, row = key
         # torchvision's random transforms draw from torch's default CPU generator. In a loader
         # process nothing else uses it; in the training process (no loader processes) its state
-        # is restored around the batch (`rank_batches`). Not torch.manual_seed: it also seeds
+        # is restored around the batch (`RankStream.epoch`). Not torch.manual_seed: it also seeds
         # every accelerator backend, per row.
         torch.default_generator.manual_seed(_seed(AUGMENT_STREAM, self.seed, epoch, row))
         image = to_uint8(self.pil(decode_image(self.images[row].as_py())))

@@ -42,7 +42,7 @@ from ray.tune.search import ConcurrencyLimiter
 from regft import console, raylocal, store
 from regft.cli import redact, shorten
 from regft.config import from_dict
-from regft.console_ray import TrialLines, ray_logs_dir
+from regft.console_ray import TrialLines, cut, last_line, ray_logs_dir
 from regft.errors import UserError, unwrapped_user_errors, user_error_in
 from regft.generate import GenerationConfig, check_request, generate_dataset, request_size_problems
 from regft.mlflow_store import (
@@ -730,8 +730,7 @@ def error_line(error: BaseException) -> str:
     user = user_error_in(error)
     if user is not None:
         return "; ".join(getattr(user, "problems", None) or str(user).splitlines())
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    return last_line(str(error)) or type(error).__name__
 
 @dataclass(frozen=True)
 class TrialOutcome:
@@ -845,8 +844,7 @@ def fail_search(layout: SearchLayout, parent: ParentRun, outcome: SearchOutcome)
     why = ""
     if errors:
         more = f" (and {len(errors) - 1} other error(s))" if len(errors) > 1 else ""
-        first = errors[0] if len(errors[0]) <= ERROR_CHARS else errors[0][:ERROR_CHARS] + "…"
-        why = f"; trial error: {first}{more}"
+        why = f"; trial error: {cut(errors[0], ERROR_CHARS)}{more}"
     print(f"error: no trial of search {layout.name} finished{why}; see {layout.experiment_path}",
           file=sys.stderr)
     return 1

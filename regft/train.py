@@ -93,7 +93,7 @@ from regft.engine import (
     state_dict_cpu,
 )
 from regft.ensemble import EnsembleError, alpha_grid, interpolate
-from regft.errors import unwrapped_user_errors, user_error_in
+from regft.errors import unwrapped_user_errors
 from regft.export import architecture_or_none
 from regft.generate import GenerationConfig, ensure_dataset
 from regft.ingest import RankStream, available_memory_bytes, read_train_split
@@ -935,8 +935,8 @@ def run(cfg: TrainConfig, dataset_path: str, storage: str | None = None, name: s
                                      callbacks=callbacks)
     with unwrapped_user_errors():  # a user error a worker raised is the user's: one line, exit 2
         result = build_trainer(cfg, dataset_path, run_config, fault=fault).fit()
-    if result.error:
-        raise user_error_in(result.error) or result.error
+        if result.error:
+            raise result.error
     last = result.checkpoint
     return RunResult(metrics=dict(result.metrics or {}), checkpoint_path=last.path if last else None,
                      run_path=result.path)

@@ -245,12 +245,12 @@ def test_argparse_exits_end_with_argparse_text_not_a_log_path(module, argv, capf
 
 
 def test_a_failed_trial_line_shows_its_error_and_where_the_traceback_is(tmp_path):
-    from regft.console_ray import error_line  # imports Ray (no cluster)
+    from regft.console_ray import error_file_line  # imports Ray (no cluster)
 
     error = tmp_path / "error.txt"
     error.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
                      "regft.errors.UserError: ingest worker: use --ingest ray_data\n\n")
-    assert error_line(str(error)) == "regft.errors.UserError: ingest worker: use --ingest ray_data; "
+    assert error_file_line(str(error)) == "regft.errors.UserError: ingest worker: use --ingest ray_data; "
     error.write_text("RuntimeError: " + "x" * 10_000 + "\n")
-    assert len(error_line(str(error))) <= 245
-    assert error_line(str(tmp_path / "missing.txt")) == "" and error_line(None) == ""
+    assert len(error_file_line(str(error))) <= 245
+    assert error_file_line(str(tmp_path / "missing.txt")) == "" and error_file_line(None) == ""
